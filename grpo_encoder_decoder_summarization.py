@@ -1,0 +1,1475 @@
+"""GRPO for encoder-decoder summarization (BART, T5, Pegasus: any AutoModelForSeq2SeqLM), in one file.
+
+What it does, per step (Shao et al. 2024, "DeepSeekMath", section 4.1):
+  1. take B articles; the policy samples G summaries for each (G independent samples, not a beam);
+  2. score every summary with ROUGE against the reference highlights: rewards r_1..r_G per article;
+  3. advantages A_i = (r_i - mean(r)) / (std(r) + eps) within each group of G: the group mean is the
+     baseline, so no value model (critic) is needed;
+  4. update the policy mu times on this rollout with the clipped surrogate of PPO plus a KL penalty to a
+     frozen reference model, per token t of summary i:
+        ratio      = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
+        objective  = min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i) - beta * KL_t
+        KL_t       = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1        (the k3 estimator)
+     and the loss is minus the objective averaged over tokens (see grpo_loss for the loss_type variants).
+
+References:
+  GRPO      Shao et al. 2024, DeepSeekMath, arXiv:2402.03300
+  PPO       Schulman et al. 2017, arXiv:1707.06347; k3 KL estimator: J. Schulman, "Approximating KL divergence"
+  DAPO      Yu et al. 2025, arXiv:2503.14476 (token-level loss, clip-higher epsilon_high)
+  Dr. GRPO  Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783
+  GSPO      Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071
+  TRL's GRPOTrainer, whose names we follow (num_generations ~ group_size, beta, epsilon, num_iterations).
+
+How to run:
+  python grpo_encoder_decoder_summarization.py --demo                  # offline demo, a few minutes on a CPU
+  python grpo_encoder_decoder_summarization.py                         # bart-base on CNN/DailyMail (GPU)
+  python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
+  python grpo_encoder_decoder_summarization.py --train_file=train.jsonl --validation_file=val.jsonl
+  torchrun --standalone --nproc_per_node=4 grpo_encoder_decoder_summarization.py --batch_size=4
+Every field of Config below can be set as --name=value; edit the defaults here to change a run for good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration: every field is a command-line flag, --name=value
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # model and data
+    model_name: str = "facebook/bart-base"  # hub id or local dir loadable with AutoModelForSeq2SeqLM
+    trust_remote_code: bool = False  # allow custom model code from the hub (off unless you set it)
+    dataset_name: str = "abisee/cnn_dailymail"  # hub dataset with train and validation splits
+    dataset_config: str = "3.0.0"  # its configuration name
+    train_file: str = ""  # local .jsonl/.json/.csv training data; when set it replaces the hub dataset
+    validation_file: str = ""  # local held-out data; if empty with train_file, eval_samples rows are held out
+    text_column: str = "article"  # column with the text to summarize
+    summary_column: str = "highlights"  # column with the reference summary
+    source_prefix: str = ""  # prepended to every article, e.g. "summarize: " for T5
+    max_source_length: int = 512  # articles are truncated to this many tokens (and counted)
+    max_new_tokens: int = 64  # longest summary sampled, in tokens
+    # GRPO rollout
+    group_size: int = 8  # G: summaries sampled per article (TRL: num_generations)
+    batch_size: int = 8  # B: articles per step and process; the step sees B*G summaries
+    micro_batch_size: int = 16  # summaries per forward/backward; a multiple of G (whole groups)
+    temperature: float = 1.0  # sampling temperature; log-probs are scored at the same temperature
+    top_p: float = 1.0  # nucleus sampling mass in (0, 1]
+    # reward: a weighted mean of ROUGE F1 scores (weights are normalized to sum to 1)
+    rouge1_weight: float = 1.0  # weight of ROUGE-1 F1 in the reward
+    rouge2_weight: float = 1.0  # weight of ROUGE-2 F1 in the reward
+    rougeL_weight: float = 0.0  # weight of ROUGE-L F1 in the reward
+    rougeLsum_weight: float = 1.0  # weight of ROUGE-Lsum F1 in the reward
+    # GRPO update
+    learning_rate: float = 1e-6  # AdamW learning rate of the GRPO phase
+    weight_decay: float = 0.0  # AdamW weight decay
+    lr_scheduler: str = "linear"  # any transformers scheduler name: linear, cosine, constant_with_warmup, ...
+    warmup_steps: int = 10  # learning-rate warm-up, in optimizer steps
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    beta: float = 0.04  # beta: weight of the KL penalty to the reference model
+    epsilon: float = 0.2  # epsilon: lower clip range of the ratio, 1 - epsilon
+    epsilon_high: float | None = None  # upper clip range, 1 + epsilon_high (DAPO clip-higher); None: epsilon
+    num_iterations: int = 1  # mu: policy updates per rollout; > 1 scores an old policy once per rollout
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo | gspo (see grpo_loss)
+    scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO sets this to False)
+    mask_truncated_completions: bool = False  # leave summaries that hit max_new_tokens out of the loss
+    # optional supervised warm-up (SFT first, then GRPO)
+    sft_steps: int = 0  # teacher-forced cross-entropy steps on reference summaries before GRPO
+    sft_learning_rate: float = 5e-5  # AdamW learning rate of the SFT phase
+    sft_batch_size: int = 16  # articles per SFT step and process
+    # loop, evaluation, checkpoints
+    max_steps: int = 1000  # GRPO steps
+    eval_every: int = 100  # held-out greedy ROUGE every this many steps (and before and after training)
+    eval_samples: int = 500  # held-out articles per evaluation
+    eval_batch_size: int = 32  # articles per greedy-decoding batch
+    num_examples: int = 3  # example summaries written to eval_examples.jsonl per evaluation
+    save_every: int = 100  # checkpoint every this many steps (and at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept (the best one by best_metric is kept apart)
+    best_metric: str = "rougeL"  # held-out metric that picks best/: rouge1, rouge2, rougeL or rougeLsum
+    max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss
+    output_dir: str = "runs/grpo"  # metrics, evaluations, checkpoints and the final model go here
+    seed: int = 0  # seeds data order, sampling and initialization
+    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    compile: bool = False  # torch.compile the scoring forward pass (CUDA)
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
+    benchmark: bool = False  # time every phase of a fixed tiny workload and print a table
+
+
+# The offline demo changes only these constants; the code path is the one a real run takes.
+DEMO_CONFIG = dict(
+    output_dir="runs/demo", max_source_length=160, max_new_tokens=40, group_size=8, batch_size=8,
+    micro_batch_size=64, learning_rate=3e-5, beta=0.02, warmup_steps=5, lr_scheduler="constant_with_warmup",
+    sft_steps=300, sft_learning_rate=1e-3, sft_batch_size=32, max_steps=120, eval_every=40,
+    eval_samples=200, eval_batch_size=100, save_every=60, temperature=1.0,
+)
+DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad data, unreachable hub, ...): one line on stderr, exit code 1."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """A bad command-line flag or value: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+def parse_value(name: str, text: str, annotation) -> object:
+    """Convert the text of --name=text to the field's type (bool, int, float, str, or X | None)."""
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if type(None) in kinds and text.lower() == "none":
+        return None
+    kind = next(k for k in kinds if k is not type(None))
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"--{name} expects {kind.__name__}, got {text!r}")
+
+
+def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
+    """Parse --name=value flags (a bare --name sets a bool to True). Returns the config and the names given."""
+    hints = typing.get_type_hints(Config)
+    values: dict[str, object] = {}
+    for arg in argv:
+        name, has_value, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ConfigError(f"unknown option {arg!r}; options are --name=value with name one of: {known}")
+        if not has_value and hints[name] is not bool:
+            raise ConfigError(f"--{name} needs a value: --{name}=...")
+        values[name] = parse_value(name, text, hints[name]) if has_value else True
+    config = Config(**values)
+    if config.demo:  # demo defaults, except where the user said otherwise
+        config = dataclasses.replace(config, **{k: v for k, v in DEMO_CONFIG.items() if k not in values})
+    return config, set(values)
+
+
+def validate_config(config: Config) -> None:
+    """Reject values the math or the loop cannot use, with one line naming the flag."""
+    checks = [
+        (config.group_size >= 2, "--group_size must be >= 2: advantages compare the G samples of an article"),
+        (config.batch_size >= 1, "--batch_size must be >= 1"),
+        (config.micro_batch_size >= 1 and config.micro_batch_size % config.group_size == 0,
+         "--micro_batch_size must be a positive multiple of --group_size (micro-batches hold whole groups)"),
+        (config.beta >= 0, "--beta must be >= 0"),
+        (config.epsilon > 0, "--epsilon must be > 0"),
+        (config.epsilon_high is None or config.epsilon_high > 0, "--epsilon_high must be > 0"),
+        (0 < config.top_p <= 1, "--top_p must be in (0, 1]"),
+        (config.temperature > 0, "--temperature must be > 0"),
+        (config.num_iterations >= 1, "--num_iterations must be >= 1"),
+        (config.loss_type in LOSS_TYPES, f"--loss_type must be one of {', '.join(LOSS_TYPES)}"),
+        (config.max_new_tokens >= 1 and config.max_source_length >= 1, "--max_new_tokens and --max_source_length must be >= 1"),
+        (config.max_steps >= 0 and config.sft_steps >= 0, "--max_steps and --sft_steps must be >= 0"),
+        (min(config.eval_every, config.save_every, config.eval_samples, config.eval_batch_size, config.sft_batch_size) >= 1,
+         "--eval_every, --save_every, --eval_samples, --eval_batch_size and --sft_batch_size must be >= 1"),
+        (config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1"),
+        (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
+        (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
+         and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
+         "the rouge*_weight flags must be >= 0 and not all 0"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "--device must be auto, cpu, cuda or cuda:N"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: the hub dataset or local files, rows with empty text skipped, a seeded order per epoch
+# --------------------------------------------------------------------------------------------------
+def check_jsonl(path: str, columns: tuple[str, str]) -> None:
+    """Find, with its line number, the first line of a .jsonl file that is not a JSON object with string columns."""
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path} line {line_number}: invalid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(row).__name__}")
+            for column in columns:
+                if column in row and row[column] is not None and not isinstance(row[column], str):
+                    raise UserError(f"{path} line {line_number}: column {column!r} must be a string, "
+                                    f"got {type(row[column]).__name__}")
+
+
+def load_local_file(path: str, columns: tuple[str, str]):
+    """A local .jsonl/.json/.csv file as a datasets.Dataset, with clear errors for missing or empty files."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"data file {path} is empty")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".jsonl", ".json", ".csv"):
+        raise UserError(f"data file {path}: use .jsonl, .json or .csv")
+    if extension == ".jsonl":
+        check_jsonl(path, columns)
+    try:
+        return datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
+    except Exception as error:  # datasets wraps parser errors in several types
+        raise UserError(f"could not read {path}: {str(error).splitlines()[0]}") from None
+
+
+def prepare_split(dataset, config: Config, name: str, log) -> "datasets.Dataset":
+    """Keep the two text columns, check their type, and skip (and count) rows where either is empty."""
+    columns = [config.text_column, config.summary_column]
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise UserError(f"{name} data has no column {missing[0]!r}; its columns are {dataset.column_names} "
+                        f"(set --text_column / --summary_column)")
+    for column in columns:
+        dtype = getattr(dataset.features[column], "dtype", None)
+        if dtype not in ("string", "large_string", "null"):
+            raise UserError(f"{name} data: column {column!r} must hold strings, it holds {dtype}")
+    dataset = dataset.select_columns(columns)
+    total = len(dataset)
+    dataset = dataset.filter(lambda batch: [bool(a and a.strip()) and bool(s and s.strip())
+                                            for a, s in zip(batch[columns[0]], batch[columns[1]])], batched=True)
+    if len(dataset) < total:
+        log(f"{name}: skipped {total - len(dataset)} of {total} rows with an empty article or summary")
+    if len(dataset) == 0:
+        raise UserError(f"{name} data has no row with both a non-empty {columns[0]!r} and {columns[1]!r}")
+    return dataset
+
+
+def load_data(config: Config, log) -> tuple["datasets.Dataset", "datasets.Dataset"]:
+    """Train and held-out splits: local files when train_file is set, else the hub dataset."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    columns = (config.text_column, config.summary_column)
+    if config.train_file:
+        train = prepare_split(load_local_file(config.train_file, columns), config, "train", log)
+        if config.validation_file:
+            held_out = prepare_split(load_local_file(config.validation_file, columns), config, "validation", log)
+        else:
+            if len(train) < 2:
+                raise UserError("train data needs at least 2 rows to hold some out; or pass --validation_file")
+            count = min(config.eval_samples, len(train) // 10 or 1)
+            split = train.train_test_split(test_size=count, seed=config.seed)
+            train, held_out = split["train"], split["test"]
+            log(f"no --validation_file: holding out {count} training rows for evaluation")
+    else:
+        try:
+            hub = datasets.load_dataset(config.dataset_name, config.dataset_config)
+        except Exception as error:
+            raise UserError(f"could not load dataset {config.dataset_name!r} ({str(error).splitlines()[0]}); "
+                            f"offline, pass --train_file/--validation_file, or set HF_ENDPOINT to a mirror") from None
+        train = prepare_split(hub["train"], config, "train", log)
+        held_out = prepare_split(hub["validation"], config, "validation", log)
+    return train, held_out.select(range(min(config.eval_samples, len(held_out))))
+
+
+@lru_cache(maxsize=2)
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """The order of the rows in one epoch: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def batch_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Rows of one process at one step. A pure function of the step, so a resumed run sees the same data.
+
+    The global batch of a step is world_size * batch_size consecutive positions of the epoch orders;
+    process `rank` takes its own slice, so processes never share an article.
+    """
+    start = (step * world_size + rank) * batch_size
+    positions = (divmod(position, num_rows) for position in range(start, start + batch_size))
+    return [epoch_permutation(num_rows, seed, epoch)[offset] for epoch, offset in positions]
+
+
+def tokenize_articles(tokenizer, articles: list[str], config: Config, device) -> tuple[dict, int]:
+    """Tokenize a batch of articles, truncated to max_source_length; also returns how many were truncated."""
+    texts = [config.source_prefix + article for article in articles]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    encoded = tokenizer(texts, max_length=config.max_source_length, truncation=True, padding=True, return_tensors="pt")
+    return encoded.to(device), sum(length > config.max_source_length for length in lengths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data for the offline demo: an invented news world (every name and sentence is made up here), written to
+# .jsonl files and read back through load_data like any local data
+# --------------------------------------------------------------------------------------------------
+FIRST = "Arlo Bryn Cora Dax Elin Fenn Greta Hale Ines Joss Kira Lenn Mira Nils Orla Pim Quin Rhea Sten Tova Ulla Vero Wren Yana".split()
+LAST = "Abbot Brask Corrin Dale Elmsworth Fairley Gorse Hallam Ingle Jarrow Kestle Lorne Marsh Nettle Oakes Pell Quarry Ross Stowe Thorne Venn Wickett".split()
+TOWNS = "Ashgrove Bellmoor Carrow Dunmere Eastwick Fallowby Glenhollow Harrowdale Ivybridge Kettleford Lowmarsh Millbrook Northfen Oakhurst Redwater Stonebury".split()
+COMPANIES = "Brightwell Corvane Dellmark Everline Fernhold Glimmer Holtcraft Marlowe Pinecrest Quillan Sablewood Tarrant".split()
+TEAMS = "Rovers United Wanderers Athletic Rangers Harriers Comets Falcons".split()
+PRODUCTS = "bicycles kettles lamps boots tractors radios windows chairs".split()
+FACILITIES = "library|bridge|swimming pool|school|bus station|park".split("|")
+STORMS = "rain storms winds flooding snow hail".split()
+FINDS = "beetle moss fish frog fungus worm".split()
+PLACES = "the northern hills|a flooded cave|the old harbour|the southern marshes|a forest lake".split("|")
+JOURNALS = "Field Notes|Natural Letters|Open Biology|The Survey Review".split("|")
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+FILLER = [
+    "The weather in {town2} was {sky} for most of the week.",
+    "{town2} is known for its old {building} and quiet streets.",
+    "Local shops reported a busy weekend as families visited the market.",
+    "A spokesman declined to comment on other matters.",
+    "The {river} river runs through the centre of {town2}.",
+    "Tickets for the summer festival went on sale last month.",
+    "Many residents travel to {town2} by train each morning.",
+    "Earlier this year the town hosted a {event} that drew visitors from abroad.",
+    "The local radio station covered the story live.",
+    "Traffic was slow on the main road near the {building}.",
+    "Some people said they had not heard the news until later.",
+    "The region has a population of about {num3} thousand.",
+    "Parking remains a common complaint in the area.",
+    "Dogs and cyclists share the path along the {river} river.",
+    "A new cafe opened near the {building} on {day2}.",
+]
+SKY = "grey sunny cold mild windy cloudy".split()
+BUILDINGS = "church|mill|castle|market hall|clock tower".split("|")
+RIVERS = "Ash Brill Coombe Dove Elder".split()
+EVENTS = "music festival|cheese fair|boat race|book fair".split("|")
+# Each event: lead variants, fact sentences, a quote, and two highlight lines (all in distinct wording).
+EVENTS_TEMPLATES = [
+    {"lead": ["{company} said on {day} that its profit rose to {amount} million crowns last year.",
+              "Shares in {company} climbed on {day} after the firm reported a profit of {amount} million crowns."],
+     "facts": ["Sales grew by {pct} percent, helped by strong demand for its {product}.",
+               "The company, based in {town}, was founded in {year} and employs {num} people."],
+     "quote": "\"This has been a very good year for all of us,\" said chief executive {person}.",
+     "high": ["{town} firm {company} makes {amount} million crowns profit.",
+              "Sales up {pct} percent, chief executive {person} says."]},
+    {"lead": ["The {team} beat the {team2} {a} - {b} in {town} on {day}.",
+              "A late goal on {day} helped the {team} to a {a} - {b} win over the {team2} in {town}."],
+     "facts": ["{person} scored {k} of the goals for the home side.",
+               "A crowd of {num} thousand watched the match."],
+     "quote": "\"We played with real heart tonight,\" said coach {person2}.",
+     "high": ["{person} scores {k} as {team} defeat {team2} {a} - {b}.",
+              "Coach {person2} praises his players after the win in {town}."]},
+    {"lead": ["The council of {town} voted on {day} to spend {amount} million crowns on a new {facility}.",
+              "Councillors in {town} have approved a new {facility} that will cost {amount} million crowns."],
+     "facts": ["The plan was passed by {num} votes to {num2}.",
+               "Work on the {facility} is due to start in {year}."],
+     "quote": "\"People here have waited a long time for this,\" said mayor {person}.",
+     "high": ["{town} backs {amount} million crowns plan for new {facility}.",
+              "Building starts in {year}, mayor {person} says."]},
+    {"lead": ["Heavy {storm} hit {town} on {day}, closing roads and schools across the region.",
+              "Roads and schools in {town} were closed on {day} as heavy {storm} swept the area."],
+     "facts": ["Forecasters said {num} millimetres of rain fell in just {hours} hours.",
+               "About {num2} thousand homes lost power, according to {company}."],
+     "quote": "\"We have not seen anything like this since {year},\" said local farmer {person}.",
+     "high": ["{num} millimetres of rain fall on {town} in {hours} hours.",
+              "{company} says {num2} thousand homes lost power."]},
+    {"lead": ["Researchers at the University of {town} say they have found a new kind of {find} in {place}.",
+              "A new kind of {find} has been found in {place} by a team from the University of {town}."],
+     "facts": ["The team studied {num} samples over {span} years.",
+               "The finding was published in the journal {journal} in {year}."],
+     "quote": "\"It was a real surprise to everyone in the lab,\" said professor {person}.",
+     "high": ["Scientists in {town} discover new {find} after {span} years of work.",
+              "Professor {person} led the team, which studied {num} samples."]},
+    {"lead": ["{person} was elected mayor of {town} on {day} after a close race against {person2}.",
+              "Voters in {town} chose {person} as their new mayor on {day}, ending a long campaign."],
+     "facts": ["{person} won {share} percent of the vote.",
+               "Turnout was {num} percent, the highest since {year}."],
+     "quote": "\"This victory belongs to every family in {town},\" said {person}.",
+     "high": ["{person} beats {person2} to become mayor of {town}.",
+              "Winner takes {share} percent of the vote as turnout hits {num} percent."]},
+]
+
+
+def demo_slots(rng: random.Random) -> dict:
+    """Draw one consistent set of slot values (names, places, numbers) for an article."""
+    first, last = rng.sample(FIRST, 2), rng.sample(LAST, 2)
+    towns, teams, a = rng.sample(TOWNS, 2), rng.sample(TEAMS, 2), rng.randint(1, 6)
+    num = rng.randint(20, 99)
+    return {"person": f"{first[0]} {last[0]}", "person2": f"{first[1]} {last[1]}", "town": towns[0],
+            "town2": towns[1], "company": rng.choice(COMPANIES), "team": teams[0], "team2": teams[1],
+            "a": a, "b": rng.randint(0, a - 1), "k": rng.randint(1, a), "num": num,
+            "num2": rng.randint(2, num - 1), "num3": rng.randint(10, 99), "pct": rng.randint(2, 60),
+            "share": rng.randint(51, 79), "hours": rng.randint(2, 12), "span": rng.randint(2, 9),
+            "amount": rng.randint(2, 99), "year": rng.randint(1960, 2023), "day": rng.choice(DAYS),
+            "day2": rng.choice(DAYS), "product": rng.choice(PRODUCTS), "facility": rng.choice(FACILITIES),
+            "storm": rng.choice(STORMS), "find": rng.choice(FINDS), "place": rng.choice(PLACES),
+            "journal": rng.choice(JOURNALS), "sky": rng.choice(SKY), "building": rng.choice(BUILDINGS),
+            "river": rng.choice(RIVERS), "event": rng.choice(EVENTS)}
+
+
+def demo_row(rng: random.Random) -> dict:
+    """Build one article (lead first, then shuffled facts/quote/filler) and its 2-line highlights."""
+    event, slots = rng.choice(EVENTS_TEMPLATES), demo_slots(rng)
+    body = [s.format(**slots) for s in event["facts"] + [event["quote"]]]
+    lead = rng.choice(event["lead"]).format(**slots)
+    target_words = rng.randint(60, 105)
+    for filler in (f.format(**slots) for f in rng.sample(FILLER, len(FILLER))):
+        words = len(" ".join([lead] + body).split())
+        if words >= target_words or words + len(filler.split()) > 110:
+            break
+        body.append(filler)
+    rng.shuffle(body)
+    return {"article": " ".join([lead] + body), "highlights": "\n".join(h.format(**slots) for h in event["high"])}
+
+
+def unique_demo_rows(seed: int, exclude: frozenset = frozenset()) -> Iterator[dict]:
+    """Yield rows with distinct articles (skipping any in `exclude`) from a seeded private RNG."""
+    rng, seen = random.Random(seed), set(exclude)
+    while True:
+        row = demo_row(rng)
+        if row["article"] not in seen:
+            seen.add(row["article"])
+            yield row
+
+
+def make_synthetic_corpus(num_articles: int, seed: int) -> list[dict]:
+    """Return `num_articles` deterministic {"article", "highlights"} rows for the given seed."""
+    rows = unique_demo_rows(seed)
+    return [next(rows) for _ in range(num_articles)]
+
+
+def write_demo_splits(directory: str, num_train: int, num_eval: int, seed: int) -> tuple[str, str]:
+    """Write disjoint train.jsonl / validation.jsonl (different seeds, deduplicated); return their paths."""
+    os.makedirs(directory, exist_ok=True)
+    train = make_synthetic_corpus(num_train, seed)
+    held_out = unique_demo_rows(seed + 1_000_003, exclude=frozenset(r["article"] for r in train))
+    splits = {"train.jsonl": train, "validation.jsonl": [next(held_out) for _ in range(num_eval)]}
+    paths = []
+    for name, rows in splits.items():
+        paths.append(os.path.join(directory, name))
+        with open(paths[-1], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return paths[0], paths[1]
+
+
+def build_word_tokenizer(texts: list[str], directory: str, model_type: str = "bart"):
+    """Train a lowercase word-level tokenizer offline, save it for `model_type` ("bart"/"t5"), reload via AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    is_bart = model_type == "bart"
+    specials = ["<s>", "<pad>", "</s>", "<unk>"] if is_bart else ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs become separate tokens
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # space-join, then glue " ." / " ," back
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    eos = ("</s>", tok.token_to_id("</s>"))
+    if is_bart:
+        bos = ("<s>", tok.token_to_id("<s>"))
+        post = TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[bos, eos])
+    else:
+        post = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[eos])
+    tok.post_processor = post
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", bos_token="<s>" if is_bart else None)
+    fast.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def build_demo_model(directory: str, tokenizer, seed: int) -> None:
+    """A tiny BART (about 0.5M parameters) from a config, saved like a hub checkpoint."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model_config = BartConfig(
+        vocab_size=len(tokenizer), d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id, dropout=0.1)
+    BartForConditionalGeneration(model_config).save_pretrained(directory)
+
+
+def prepare_demo(config: Config, dist: "Distributed", log) -> Config:
+    """Write the synthetic splits and the tiny model into output_dir/demo (once), and point the config at them."""
+    directory = os.path.join(config.output_dir, "demo")
+    model_dir = os.path.join(directory, "model")
+    if dist.is_main and not os.path.exists(os.path.join(model_dir, "config.json")):
+        log(f"demo: writing synthetic articles and a tiny BART to {directory}")
+        train_file, _ = write_demo_splits(directory, DEMO_TRAIN_ARTICLES, config.eval_samples, config.seed)
+        with open(train_file, encoding="utf-8") as file:
+            rows = [json.loads(line) for line in file]
+        tokenizer = build_word_tokenizer([r["article"] for r in rows] + [r["highlights"] for r in rows], model_dir)
+        build_demo_model(model_dir, tokenizer, config.seed)
+    dist.barrier()
+    return dataclasses.replace(config, model_name=model_dir, train_file=os.path.join(directory, "train.jsonl"),
+                               validation_file=os.path.join(directory, "validation.jsonl"))
+
+
+def report_demo(config: Config) -> None:
+    """Print the held-out ROUGE before and after GRPO, and three held-out examples, from the run's files."""
+    def read(name):
+        with open(os.path.join(config.output_dir, name), encoding="utf-8") as file:
+            return [json.loads(line) for line in file]
+
+    evals, examples = read("eval.jsonl"), read("eval_examples.jsonl")
+    before, after = evals[0], evals[-1]
+    print(f"\nheld-out greedy ROUGE F1 on {config.eval_samples} synthetic articles "
+          f"(GRPO started from the SFT checkpoint at step {before['step']}):")
+    print(f"{'metric':<18}{'before GRPO':>12}{'after GRPO':>12}{'change':>10}")
+    for key in (*ROUGE_KEYS, "gen_length", "distinct_fraction"):
+        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+10.4f}")
+    print(f"{'reference length':<18}{after['ref_length']:>12.1f} words")
+    first = [e for e in examples if e["step"] == before["step"]]
+    last = [e for e in examples if e["step"] == after["step"]]
+    for number, (old, new) in enumerate(zip(first, last), start=1):
+        print(f"\nexample {number}: {old['article'][:160]}...")
+        print(f"  reference:   {old['reference']!r}")
+        print(f"  before GRPO: {old['prediction']!r}")
+        print(f"  after GRPO:  {new['prediction']!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward: ROUGE F1 against the reference highlights (rouge_score's tokenizer and stemmer, no downloads)
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def have_punkt() -> bool:
+    """Whether nltk's punkt sentence model is installed; if not, say once that a simple splitter is used."""
+    try:
+        import nltk
+
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return True
+    except (ImportError, LookupError):
+        print("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "
+              "(install it with: python -m nltk.downloader punkt_tab)", file=sys.stderr)
+        return False
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text: nltk's sent_tokenize when punkt is installed, else a split after . ! or ?"""
+    if have_punkt():
+        import nltk
+
+        return [s for line in text.splitlines() for s in nltk.sent_tokenize(line)]
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
+
+
+@lru_cache(maxsize=1)
+def rouge_stemmer():
+    """The Porter stemmer rouge_score itself uses with use_stemmer=True."""
+    from rouge_score import tokenizers
+
+    return tokenizers.DefaultTokenizer(use_stemmer=True)._stemmer
+
+
+@lru_cache(maxsize=1 << 17)
+def rouge_word(word: str) -> str:
+    """A lowercase word as rouge_score scores it: stemmed if longer than 3 characters ("" if nothing is left)."""
+    from rouge_score import tokenize
+
+    token = rouge_stemmer().stem(word) if len(word) > 3 else word
+    return token if tokenize.VALID_TOKEN_RE.match(token) else ""
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized)."""
+    from rouge_score import tokenize
+
+    return [token for token in map(rouge_word, tokenize.NON_ALPHANUM_RE.sub(" ", text.lower()).split()) if token]
+
+
+@dataclass
+class RougeText:
+    """What the ROUGE scores need of one text, computed once per distinct text."""
+
+    tokens: list[str]
+    positions: dict[str, int]  # token -> bitmask of its positions (for bit-parallel LCS)
+    unigrams: Counter
+    bigrams: Counter
+    sentences: list[list[str]]  # one token list per sentence, for ROUGE-Lsum
+    sentence_positions: list[dict[str, int]]
+    sentence_tokens: Counter
+
+    @classmethod
+    def of(cls, text: str) -> "RougeText":
+        tokens = rouge_tokens(text)
+        sentences = [rouge_tokens(sentence) for sentence in split_sentences(text)]
+        sentences = [sentence for sentence in sentences if sentence]
+        return cls(tokens, position_masks(tokens), Counter(tokens), Counter(zip(tokens, tokens[1:])), sentences,
+                   [position_masks(sentence) for sentence in sentences], Counter(t for s in sentences for t in s))
+
+
+def position_masks(tokens: list[str]) -> dict[str, int]:
+    masks: dict[str, int] = {}
+    for position, token in enumerate(tokens):
+        masks[token] = masks.get(token, 0) | (1 << position)
+    return masks
+
+
+def lcs_columns(masks: dict[str, int], length: int, candidate: list[str]) -> list[int]:
+    """Bit-parallel LCS (Allison-Dix / Hyyro): column j of the LCS table as an integer bitmask.
+
+    Bit i of columns[j] is 0 iff table[i+1][j] == table[i][j] + 1, so table[i][j] = i - popcount(columns[j] & (2^i - 1)).
+    """
+    full = (1 << length) - 1
+    column, columns = full, [full]
+    for token in candidate:
+        matches = column & masks.get(token, 0)
+        column = ((column + matches) | (column - matches)) & full
+        columns.append(column)
+    return columns
+
+
+def lcs_reference_positions(reference: list[str], masks: dict[str, int], candidate: list[str]) -> list[int]:
+    """Positions in `reference` of the LCS that rouge_score's backtrack picks (same tie-breaking)."""
+    columns = lcs_columns(masks, len(reference), candidate)
+    i, j, positions = len(reference), len(candidate), []
+    while i > 0 and j > 0:
+        if reference[i - 1] == candidate[j - 1]:
+            i, j = i - 1, j - 1
+            positions.append(i)
+        elif (i - (columns[j - 1] & ((1 << i) - 1)).bit_count()
+              > i - 1 - (columns[j] & ((1 << (i - 1)) - 1)).bit_count()):  # table[i][j-1] > table[i-1][j]
+            j -= 1
+        else:
+            i -= 1
+    return positions
+
+
+def f1(hits: int, prediction_count: int, reference_count: int) -> float:
+    """rouge_score's F-measure from counts (same float operations, so the same numbers)."""
+    precision, recall = hits / prediction_count, hits / reference_count
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def rouge_pair(prediction: RougeText, reference: RougeText) -> dict[str, float]:
+    """ROUGE-1, -2, -L and -Lsum F1 of one prediction against one reference."""
+    scores = {}
+    for key, ours, theirs in (("rouge1", prediction.unigrams, reference.unigrams),
+                              ("rouge2", prediction.bigrams, reference.bigrams)):
+        hits = sum((ours & theirs).values())
+        scores[key] = f1(hits, max(sum(ours.values()), 1), max(sum(theirs.values()), 1))
+    if not prediction.tokens or not reference.tokens:
+        return {**scores, "rougeL": 0.0, "rougeLsum": 0.0}
+    length = len(reference.tokens)
+    lcs = length - lcs_columns(reference.positions, length, prediction.tokens)[-1].bit_count()
+    scores["rougeL"] = f1(lcs, len(prediction.tokens), length)
+    union = Counter()  # ROUGE-Lsum: union of the LCS hits of each reference sentence with every predicted one
+    for sentence, masks in zip(reference.sentences, reference.sentence_positions):
+        hit_positions = set()
+        for candidate in prediction.sentences:
+            hit_positions.update(lcs_reference_positions(sentence, masks, candidate))
+        union.update(sentence[position] for position in hit_positions)
+    hits = sum((union & prediction.sentence_tokens).values())
+    scores["rougeLsum"] = f1(hits, sum(map(len, prediction.sentences)), sum(map(len, reference.sentences)))
+    return scores
+
+
+def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L/Lsum F1 (stemmed) of each prediction against its reference: rouge_score's numbers, faster.
+
+    Every distinct text is tokenized, stemmed and split into sentences once per call, so a reference shared by
+    the G samples of an article is processed once; LCS uses bit-parallel integer arithmetic.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    analyzed: dict[str, RougeText] = {}
+    for text in (*predictions, *references):
+        if text not in analyzed:
+            analyzed[text] = RougeText.of(text)
+    pairs = [rouge_pair(analyzed[p], analyzed[r]) for p, r in zip(predictions, references)]
+    return {key: [pair[key] for pair in pairs] for key in ROUGE_KEYS}
+
+
+def reward_weights(config: Config) -> dict[str, float]:
+    """The reward's ROUGE weights from the config, normalized to sum to 1."""
+    weights = {key: getattr(config, f"{key}_weight") for key in ROUGE_KEYS}
+    total = sum(weights.values())
+    return {key: weight / total for key, weight in weights.items()}
+
+
+def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
+    """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
+    weights = weights or reward_weights(Config())
+    scores = rouge_f1(predictions, references)
+    return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO math: pure tensor-in, tensor-out functions
+# --------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps), over each group of G contiguous samples.
+
+    std is the population std (divides by G). A group whose rewards are all equal gets A = 0.
+    With scale=False (Dr. GRPO) the advantage is only r_i - mean_g r.
+    """
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
+    if scale:
+        centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return centered.reshape(-1)  # (B*G,)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask[i, t] = 1 for the tokens of sample i up to and including its first EOS, 0 after it.
+
+    completion_ids excludes the decoder start token, so the mask is right whatever that token is
+    (eos for BART, pad for T5) and also when pad == eos. A sample without EOS keeps all its tokens.
+    Returns (mask (N, T) float, truncated (N,) bool: the sample has no EOS).
+    """
+    is_eos = completion_ids == eos_token_id  # (N, T)
+    has_eos = is_eos.any(dim=1)  # (N,)
+    length = completion_ids.size(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
+    positions = torch.arange(length, device=completion_ids.device)  # (T,)
+    return (positions[None, :] <= first_eos[:, None]).float(), ~has_eos
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position, as the gathered logit minus logsumexp.
+
+    logits (N, T, V), tokens (N, T) -> (N, T). Exact, without a full (N, T, V) log_softmax copy.
+    """
+    chosen = logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return chosen - torch.logsumexp(logits, dim=-1)  # (N, T)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    beta: float,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient loss with a KL penalty. Tensors (N, T) with N = B*G, advantages (N,), mask 0/1.
+
+    Per token: ratio = exp(logprobs - old_logprobs)
+               objective = min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) - beta * kl
+               kl = exp(ref - logp) - (ref - logp) - 1            (k3 estimator, >= 0)
+    loss_type  grpo:    -(mean over sequences of (sum of masked objective / that sequence's token count))
+               dapo:    -(sum of masked objective over all tokens) / (total token count)
+               dr_grpo: -(sum of masked objective) / (N * T)
+               gspo:    as grpo, but the ratio is the sequence's exp(mean masked log-ratio), clipped per
+                        sequence (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
+    Returns (loss, stats) with stats kl (mean over masked tokens) and clip_fraction (share of masked tokens
+    whose ratio was clipped in the direction that stops the gradient).
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logprobs.dtype)
+    tokens_per_sequence = mask.sum(dim=1).clamp(min=1)  # (N,)
+    log_ratio = logprobs - old_logprobs  # (N, T)
+    if loss_type == "gspo":
+        log_ratio = ((log_ratio * mask).sum(dim=1) / tokens_per_sequence).unsqueeze(1)  # (N, 1)
+    ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) for gspo
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    A = advantages.unsqueeze(1)  # (N, 1)
+    policy_objective = torch.min(ratio * A, clipped_ratio * A)  # (N, T) or (N, 1)
+    log_ref_ratio = ref_logprobs - logprobs  # (N, T)
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (N, T)
+    objective = (policy_objective - beta * kl) * mask  # (N, T)
+    if loss_type in ("grpo", "gspo"):
+        loss = -(objective.sum(dim=1) / tokens_per_sequence).mean()
+    elif loss_type == "dapo":
+        loss = -objective.sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = -objective.sum() / mask.numel()
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    with torch.no_grad():
+        clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))  # (N, T) or (N, 1)
+        token_count = mask.sum().clamp(min=1)
+        stats = {"kl": (kl * mask).sum() / token_count, "clip_fraction": (clipped * mask).sum() / token_count}
+    return loss, stats
+
+
+def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
+    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss."""
+    if loss_type == "dapo":
+        return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
+    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same T everywhere
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: the policy, a frozen reference, and a forward pass that encodes each article once for its G samples
+# --------------------------------------------------------------------------------------------------
+def load_policy_and_tokenizer(config: Config, device: torch.device):
+    """The policy (fp32 master weights) and its tokenizer, with one clear line when either cannot be loaded."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    name, remote = config.model_name, config.trust_remote_code
+    hint = "pass --model_name=/path/to/local/model, or set HF_ENDPOINT to a reachable mirror"
+    try:
+        model_config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
+    except Exception as error:
+        raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
+    if not getattr(model_config, "is_encoder_decoder", False):
+        raise UserError(f"model {name!r} is a {model_config.model_type} model without a decoder/encoder pair; "
+                        "this script needs an encoder-decoder (BART, T5, Pegasus, ...)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+    except Exception as error:
+        raise UserError(f"could not load a tokenizer for {name!r} ({str(error).splitlines()[0]}); "
+                        "save one beside the model with tokenizer.save_pretrained") from None
+    try:
+        policy = AutoModelForSeq2SeqLM.from_pretrained(name, trust_remote_code=remote, dtype=torch.float32)
+    except Exception as error:
+        raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of {name!r} needs a pad and an eos token")
+    return policy.to(device), tokenizer
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model in eval mode with no gradients: the reference pi_ref."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class GroupedSeq2Seq(torch.nn.Module):
+    """Teacher-forced forward of an encoder-decoder where each article has `group_size` decoder rows.
+
+    The encoder runs once per article; its output is repeated to the G samples, so gradients from all G
+    reach the encoder through that single pass. Wrapping this module (not the bare model) in DDP keeps
+    every scoring pass a normal DDP forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, group_size: int) -> torch.Tensor:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
+            attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
+            decoder_input_ids=decoder_input_ids, use_cache=False,
+        )
+        return outputs.logits  # (B*G, T, V)
+
+
+def generation_settings(model, tokenizer, config: Config, sample: bool):
+    """A GenerationConfig for rollouts (G samples, plain temperature/top-p) or greedy evaluation.
+
+    Built from scratch so that a checkpoint's own defaults (beams, no_repeat_ngram_size, min_length, top_k)
+    cannot change the distribution we sample from and then score.
+    """
+    from transformers import GenerationConfig
+
+    forced_bos = getattr(model.generation_config, "forced_bos_token_id", None)
+    settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=model.config.decoder_start_token_id,
+                    forced_bos_token_id=forced_bos)
+    if sample:
+        settings.update(do_sample=True, num_return_sequences=config.group_size, temperature=config.temperature,
+                        top_p=config.top_p, top_k=0)
+    else:
+        settings.update(do_sample=False)
+    return GenerationConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout: G samples per article, rewards once, advantages once; old and reference log-probs once
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, S) articles
+    attention_mask: torch.Tensor  # (B, S)
+    decoder_input_ids: torch.Tensor  # (B*G, T) decoder start token + sampled tokens, shifted right
+    completion_ids: torch.Tensor  # (B*G, T) the sampled tokens (decoder start token excluded)
+    mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
+    advantages: torch.Tensor  # (B*G,)
+    ref_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_ref (None when beta == 0)
+    old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
+    """(article slice, sample slice) pairs of whole groups, micro_batch_size samples at most each."""
+    articles_per_micro_batch = max(1, micro_batch_size // group_size)
+    for start in range(0, num_articles, articles_per_micro_batch):
+        stop = min(start + articles_per_micro_batch, num_articles)
+        yield slice(start, stop), slice(start * group_size, stop * group_size)
+
+
+@torch.no_grad()
+def sequence_logprobs_no_grad(forward, rollout: Rollout, config: Config, device: torch.device) -> torch.Tensor:
+    """Per-token log-probs (B*G, T) of the rollout's samples under a model, micro-batched, no gradients."""
+    chunks = []
+    for articles, samples in micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size):
+        with autocast(device):
+            logits = forward(rollout.input_ids[articles], rollout.attention_mask[articles],
+                             rollout.decoder_input_ids[samples], config.group_size)
+        chunks.append(token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples]))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
+    """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
+    encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
+    with timer("time_generate"), autocast(device):
+        sequences = policy.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                                    generation_config=generation_settings(policy, tokenizer, config, sample=True))
+    completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
+    mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
+    length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
+    completion_ids, mask = completion_ids[:, :length], mask[:, :length]
+    with timer("time_reward"):
+        lengths = mask.sum(dim=1).long().tolist()
+        summaries = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
+                                           skip_special_tokens=True)
+        references = [ref for ref in batch_rows[config.summary_column] for _ in range(config.group_size)]
+        rewards = torch.tensor(rouge_rewards(summaries, references, reward_weights(config)), device=device)
+        advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards)
+    if config.mask_truncated_completions:
+        mask = mask * (~truncated).unsqueeze(1)
+    rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
+                      mask, advantages)
+    group_std = rewards.view(-1, config.group_size).std(dim=1, unbiased=False)
+    stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+             "reward_max": rewards.max().item(), "zero_std_groups": (group_std < 1e-8).float().mean().item(),
+             "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
+             "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
+    return rollout, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Update: mu optimizer steps on one rollout, micro-batched, gradients synchronised once per step under DDP
+# --------------------------------------------------------------------------------------------------
+def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: Config, device, timer) -> dict:
+    """Run num_iterations (mu) AdamW steps on one rollout. Returns averaged loss statistics.
+
+    A step whose loss or gradient norm is not finite is skipped (no parameter change) and reported.
+    """
+    parameters = [p for p in policy_forward.parameters() if p.requires_grad]
+    totals = Counter()
+    token_total = rollout.mask.sum().clamp(min=1).item()
+    for _ in range(config.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
+        for index, (articles, samples) in enumerate(groups):
+            sync = index == len(groups) - 1 or not hasattr(policy_forward, "no_sync")
+            with (contextlib.nullcontext() if sync else policy_forward.no_sync()):
+                with timer("time_forward"), autocast(device):
+                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
+                                            rollout.decoder_input_ids[samples], config.group_size)
+                    logprobs = token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples])
+                    old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
+                    ref = rollout.ref_logprobs[samples] if rollout.ref_logprobs is not None else logprobs.detach()
+                    loss, stats = grpo_loss(logprobs, old, ref, rollout.advantages[samples], rollout.mask[samples],
+                                            config.epsilon, config.beta, config.epsilon_high, config.loss_type)
+                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask)
+                with timer("time_backward"):
+                    (loss * weight).backward()
+            step_loss += loss.item() * weight
+            tokens = rollout.mask[samples].sum().item()
+            totals["kl"] += stats["kl"].item() * tokens / token_total / config.num_iterations
+            totals["clip_fraction"] += stats["clip_fraction"].item() * tokens / token_total / config.num_iterations
+        with timer("time_optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+            else:
+                totals["nonfinite_updates"] += 1
+                optimizer.zero_grad(set_to_none=True)
+        totals["loss"] += step_loss / config.num_iterations
+        totals["grad_norm"] += grad_norm / config.num_iterations
+    return dict(totals)
+
+
+# --------------------------------------------------------------------------------------------------
+# SFT warm-up: teacher-forced cross-entropy on the reference summaries
+# --------------------------------------------------------------------------------------------------
+def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log) -> None:
+    """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate)
+    scheduler = get_scheduler("linear", optimizer, min(config.warmup_steps, config.sft_steps), config.sft_steps)
+    policy.train()
+    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
+    for step in progress:
+        rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
+        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
+        labels = tokenizer(text_target=rows[config.summary_column], max_length=config.max_new_tokens,
+                           truncation=True, padding=True, return_tensors="pt")["input_ids"].to(device)
+        labels[labels == tokenizer.pad_token_id] = -100  # padding only: targets start after the decoder start token
+        decoder_input_ids = policy.prepare_decoder_input_ids_from_labels(labels=labels)
+        with autocast(device):
+            logits = policy_forward(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, 1)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    policy.eval()
+    log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: greedy decoding on held-out articles, ROUGE-1/2/L/Lsum F1
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict]]:
+    """Greedy summaries of the held-out articles (split across processes), scored with ROUGE F1.
+
+    Returns (metrics with rouge1, rouge2, rougeL, rougeLsum, gen_length and ref_length in words, examples).
+    """
+    settings = generation_settings(policy, tokenizer, config, sample=False)
+    mine = list(range(dist.rank, len(held_out), dist.world_size))
+    predictions = []
+    for start in range(0, len(mine), config.eval_batch_size):
+        rows = held_out[mine[start:start + config.eval_batch_size]]
+        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
+        with autocast(device):
+            output = policy.generate(**encoded, generation_config=settings)
+        predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
+    predictions = dist.gather_in_order(list(zip(mine, predictions)))
+    articles, references = held_out[config.text_column], held_out[config.summary_column]
+    scores = rouge_f1(predictions, references)
+    metrics = {key: float(np.mean(values)) for key, values in scores.items()}
+    metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
+    metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
+    metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
+    examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
+                for i in range(min(config.num_examples, len(predictions)))]
+    return metrics, examples
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpointing: atomic files, the last few kept, best/ by held-out ROUGE, exact resume
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainerState:
+    step: int = 0  # GRPO steps done
+    best_score: float = -1.0  # best held-out best_metric so far
+    nonfinite_in_a_row: int = 0  # consecutive steps skipped for a NaN/inf loss
+    nonfinite_total: int = 0  # all steps skipped for a NaN/inf loss
+    articles_truncated: int = 0  # training articles cut to max_source_length so far
+
+
+def rng_state() -> dict:
+    """Every random generator the run draws from, so that a resumed run samples what the original would."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_files(output_dir: str) -> list[str]:
+    """Complete checkpoints in output_dir, oldest first (a .tmp left by a killed save is not one)."""
+    directory = os.path.join(output_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d+\.pt", n)) if os.path.isdir(directory) else []
+    return [os.path.join(directory, name) for name in names]
+
+
+def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int) -> str:
+    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`."""
+    directory = os.path.join(output_dir, "checkpoints")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{state.step:08d}.pt")
+    payload = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "trainer_state": dataclasses.asdict(state), "rng_states": rng_states}
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    for old in checkpoint_files(output_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> TrainerState:
+    """Restore model, optimizer, scheduler, trainer state and this process's random generators."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG tuples
+    policy.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    rng_states = payload["rng_states"]
+    set_rng_state(rng_states[rank % len(rng_states)])
+    return TrainerState(**payload["trainer_state"])
+
+
+def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
+    """save_pretrained into directory.tmp, then swap it in, so a kill never leaves half a model."""
+    temporary = directory.rstrip("/") + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(temporary, directory)
+
+
+def keep_lines_up_to(path: str, step: int) -> None:
+    """Drop the lines of a .jsonl log written after `step` (by a run that died before its next checkpoint)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as file:
+            lines = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w", encoding="utf-8") as file:
+            file.writelines(lines)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def plot_curves(output_dir: str) -> str | None:
+    """curves.png: training reward, KL to the reference, and held-out ROUGE against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(name):
+        path = os.path.join(output_dir, name)
+        return [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
+
+    steps, evals = read("metrics.jsonl"), read("eval.jsonl")
+    if not steps:
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = [m["step"] for m in steps]
+    axes[0].plot(x, [m["reward_mean"] for m in steps], alpha=0.35, label="batch")
+    window = max(1, len(steps) // 20)
+    smooth = np.convolve([m["reward_mean"] for m in steps], np.ones(window) / window, mode="valid")
+    axes[0].plot(x[window - 1:], smooth, label=f"mean of {window}")
+    axes[0].set(title="training reward (ROUGE)", xlabel="GRPO step")
+    axes[0].legend()
+    axes[1].plot(x, [m["kl"] for m in steps])
+    axes[1].set(title="KL(policy || reference)", xlabel="GRPO step")
+    for key in ROUGE_KEYS:
+        axes[2].plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
+    axes[2].set(title="held-out greedy ROUGE F1", xlabel="GRPO step")
+    axes[2].legend()
+    figure.tight_layout()
+    path = os.path.join(output_dir, "curves.png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: one plain process, or N under torchrun (DDP: NCCL on GPU, gloo on CPU)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average of each number over the processes (the numbers themselves in a plain run)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return dict(zip(values, (tensor / self.world_size).tolist()))
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on one."""
+        return bool(self.mean({"flag": float(flag)})["flag"] > 0)
+
+    def gather_in_order(self, indexed: list[tuple[int, object]]) -> list:
+        """Items that the processes hold as (index, item) pairs, gathered everywhere and sorted by index."""
+        if self.world_size > 1:
+            parts = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, indexed)
+            indexed = [pair for part in parts for pair in part]
+        return [item for _, item in sorted(indexed, key=lambda pair: pair[0])]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(config: Config) -> Distributed:
+    """Join the torchrun process group if there is one, and pick this process's device."""
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device=cuda but no CUDA device is available; use --device=cpu or auto")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, device)
+
+
+class PhaseTimer:
+    """Seconds spent in each named phase (CUDA is synchronised at phase boundaries for honest numbers)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds = Counter()
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[name] += time.perf_counter() - start
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to finish the current step, save a checkpoint and exit; a second Ctrl-C aborts."""
+
+    def __init__(self, log):
+        self.requested, self.log = False, log
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):
+    from tqdm import tqdm
+
+    return tqdm(range(initial, total), initial=initial, total=total, desc=description, disable=disable,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# main: data -> models -> (SFT) -> evaluate -> GRPO steps (rollout, reference, update) -> evaluate -> save
+# --------------------------------------------------------------------------------------------------
+def prepare_output_dir(config: Config, log) -> None:
+    """Create output_dir (clear error if it cannot be written); a fresh run clears the files of an old one."""
+    try:
+        os.makedirs(config.output_dir, exist_ok=True)
+        probe = os.path.join(config.output_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir={config.output_dir} ({error.strerror})") from None
+    if config.resume:
+        return
+    stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "checkpoints", "best", "final",
+                               "reference", "curves.png") if os.path.exists(os.path.join(config.output_dir, name))]
+    if stale:
+        log(f"starting a fresh run in {config.output_dir}: replacing {', '.join(stale)} "
+            "(use --resume=True to continue the earlier run instead)")
+    for name in stale:
+        path = os.path.join(config.output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: TrainerState, log) -> dict:
+    """Evaluate, append to eval.jsonl and eval_examples.jsonl, and refresh best/ when best_metric improves."""
+    metrics, examples = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    if dist.is_main:
+        append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), {"step": step, **metrics})
+        for example in examples:
+            append_jsonl(os.path.join(config.output_dir, "eval_examples.jsonl"), {"step": step, **example})
+        if metrics[config.best_metric] > state.best_score:
+            save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "best"))
+    state.best_score = max(state.best_score, metrics[config.best_metric])
+    log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def train(config: Config, given: set[str] = frozenset()) -> int:
+    """The whole run. Returns the exit code (0, or 130 after Ctrl-C with a checkpoint saved)."""
+    import transformers
+    from transformers import get_scheduler
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    dist = setup_distributed(config)
+    device = dist.device
+    from tqdm import tqdm
+
+    def log(message: str) -> None:
+        if dist.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+    if dist.is_main:
+        prepare_output_dir(config, log)
+    dist.barrier()
+    if config.demo:
+        config = prepare_demo(config, dist, log)
+    if config.benchmark:
+        return run_benchmark(config, dist, log)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed + dist.rank)  # different samples on every process
+    train_rows, held_out = load_data(config, log)
+    policy, tokenizer = load_policy_and_tokenizer(config, device)
+    policy.eval()  # dropout off for GRPO: rollout and update score the same function, so ratio = 1 at first
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy_forward = GroupedSeq2Seq(policy)
+    if config.compile:
+        policy_forward = torch.compile(policy_forward)
+    if dist.world_size > 1:
+        policy_forward = torch.nn.parallel.DistributedDataParallel(
+            policy_forward, device_ids=[device.index] if device.type == "cuda" else None)
+    reference_dir = os.path.join(config.output_dir, "reference")
+    checkpoints = checkpoint_files(config.output_dir) if config.resume else []
+    if config.resume and not checkpoints:
+        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint")
+    if not checkpoints and config.sft_steps > 0:
+        sft_warmup(policy_forward, policy, tokenizer, train_rows, config, device, dist, log)
+        if dist.is_main:
+            save_pretrained_atomic(policy, tokenizer, reference_dir)  # pi_ref for a resumed run
+    if checkpoints and os.path.isdir(reference_dir):
+        from transformers import AutoModelForSeq2SeqLM
+
+        reference = frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(reference_dir, dtype=torch.float32).to(device))
+    else:
+        reference = frozen_copy(policy)  # pi_ref: the policy as GRPO starts (after SFT, if any)
+    reference_forward = GroupedSeq2Seq(reference)
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
+    state = TrainerState()
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
+        for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
+            keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
+        log(f"resumed from {checkpoints[-1]} at step {state.step}")
+    else:
+        record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
+
+    def checkpoint() -> None:
+        rng_states = dist.gather_in_order([(dist.rank, rng_state())])
+        if dist.is_main:
+            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints)
+
+    stop = StopRequest(log)
+    progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=state.step)
+    try:
+        for step in range(state.step + 1, config.max_steps + 1):
+            timer, started = PhaseTimer(device), time.perf_counter()
+            rows = train_rows[batch_indices(step - 1, config.batch_size, len(train_rows), config.seed,
+                                            dist.rank, dist.world_size)]
+            rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
+            unwrapped_forward = GroupedSeq2Seq(policy)
+            with timer("time_reference"):
+                rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
+            if config.num_iterations > 1:
+                with timer("time_old"):
+                    rollout.old_logprobs = sequence_logprobs_no_grad(unwrapped_forward, rollout, config, device)
+            update_stats = grpo_update(policy_forward, optimizer, scheduler, rollout, config, device, timer)
+            skipped = dist.any(update_stats.get("nonfinite_updates", 0) == config.num_iterations)
+            state.step = step
+            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+            state.nonfinite_total += skipped
+            state.articles_truncated += rollout_stats["articles_truncated"]
+            if skipped:
+                log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped "
+                    f"({state.nonfinite_in_a_row} in a row)")
+            numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
+            numbers.update(timer.seconds, seconds=time.perf_counter() - started)
+            metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0],
+                       "nonfinite_steps": state.nonfinite_total, "articles_truncated": state.articles_truncated}
+            if dist.is_main:
+                append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+            if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+                raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
+                                "try a lower --learning_rate or --max_grad_norm")
+            if step % config.eval_every == 0 or step == config.max_steps:
+                record_evaluation(config, dist, step, policy, tokenizer, held_out, state, log)
+            interrupted = dist.any(stop.requested)
+            if step % config.save_every == 0 or step == config.max_steps or interrupted:
+                checkpoint()
+            if interrupted:
+                progress.close()
+                log(f"stopped at step {step}; checkpoint saved. Continue with: python {sys.argv[0]} "
+                    f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
+                return 130
+    finally:
+        stop.restore()
+        progress.close()
+    if dist.is_main:
+        save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "final"))
+        plot_curves(config.output_dir)
+        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
+    if config.demo and dist.is_main:
+        report_demo(config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, given = parse_args(sys.argv[1:] if argv is None else argv)
+        validate_config(config)
+        return train(config, given)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
