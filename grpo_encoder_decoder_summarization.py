@@ -126,6 +126,7 @@ DEMO_CONFIG = dict(
     sft_steps=300, sft_learning_rate=1e-3, sft_batch_size=32, max_steps=120, eval_every=40,
     eval_samples=200, eval_batch_size=100, save_every=60, temperature=1.0,
 )
+BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0)  # --benchmark: the demo's setup, timed
 DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -175,8 +176,9 @@ def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
             raise ConfigError(f"--{name} needs a value: --{name}=...")
         values[name] = parse_value(name, text, hints[name]) if has_value else True
     config = Config(**values)
-    if config.demo:  # demo defaults, except where the user said otherwise
-        config = dataclasses.replace(config, **{k: v for k, v in DEMO_CONFIG.items() if k not in values})
+    if config.demo or config.benchmark:  # demo defaults, except where the user said otherwise
+        defaults = {**DEMO_CONFIG, **(BENCHMARK_CONFIG if config.benchmark else {})}
+        config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if k not in values})
     return config, set(values)
 
 
@@ -188,6 +190,9 @@ def validate_config(config: Config) -> None:
         (config.micro_batch_size >= 1 and config.micro_batch_size % config.group_size == 0,
          "--micro_batch_size must be a positive multiple of --group_size (micro-batches hold whole groups)"),
         (config.beta >= 0, "--beta must be >= 0"),
+        (config.learning_rate > 0 and config.sft_learning_rate > 0, "--learning_rate and --sft_learning_rate must be > 0"),
+        (config.weight_decay >= 0 and config.warmup_steps >= 0, "--weight_decay and --warmup_steps must be >= 0"),
+        (config.max_grad_norm > 0, "--max_grad_norm must be > 0"),
         (config.epsilon > 0, "--epsilon must be > 0"),
         (config.epsilon_high is None or config.epsilon_high > 0, "--epsilon_high must be > 0"),
         (0 < config.top_p <= 1, "--top_p must be in (0, 1]"),
@@ -729,7 +734,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
     centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
     if scale:
         centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return centered.reshape(-1)  # (B*G,)
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1): the float mean can be 1 ulp off
+    return centered.masked_fill(all_equal, 0.0).reshape(-1)  # (B*G,)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -766,6 +772,7 @@ def grpo_loss(
     beta: float,
     epsilon_high: float | None = None,
     loss_type: str = "grpo",
+    max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss with a KL penalty. Tensors (N, T) with N = B*G, advantages (N,), mask 0/1.
 
@@ -774,7 +781,8 @@ def grpo_loss(
                kl = exp(ref - logp) - (ref - logp) - 1            (k3 estimator, >= 0)
     loss_type  grpo:    -(mean over sequences of (sum of masked objective / that sequence's token count))
                dapo:    -(sum of masked objective over all tokens) / (total token count)
-               dr_grpo: -(sum of masked objective) / (N * T)
+               dr_grpo: -(sum of masked objective) / (N * L), L = max_completion_length (default T): a
+                        constant, so no sequence length enters the gradient's scale
                gspo:    as grpo, but the ratio is the sequence's exp(mean masked log-ratio), clipped per
                         sequence (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
     Returns (loss, stats) with stats kl (mean over masked tokens) and clip_fraction (share of masked tokens
@@ -798,7 +806,7 @@ def grpo_loss(
     elif loss_type == "dapo":
         loss = -objective.sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
-        loss = -objective.sum() / mask.numel()
+        loss = -objective.sum() / (mask.size(0) * (max_completion_length or mask.size(1)))
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     with torch.no_grad():
@@ -812,7 +820,7 @@ def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torc
     """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss."""
     if loss_type == "dapo":
         return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
-    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same T everywhere
+    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same N * L
 
 
 # --------------------------------------------------------------------------------------------------
@@ -962,9 +970,9 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
         mask = mask * (~truncated).unsqueeze(1)
     rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
                       mask, advantages)
-    group_std = rewards.view(-1, config.group_size).std(dim=1, unbiased=False)
+    grouped = rewards.view(-1, config.group_size)  # (B, G)
     stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-             "reward_max": rewards.max().item(), "zero_std_groups": (group_std < 1e-8).float().mean().item(),
+             "reward_max": rewards.max().item(), "zero_std_groups": (grouped == grouped[:, :1]).all(dim=1).float().mean().item(),
              "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
              "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
     return rollout, stats
@@ -995,7 +1003,8 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
                     old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
                     ref = rollout.ref_logprobs[samples] if rollout.ref_logprobs is not None else logprobs.detach()
                     loss, stats = grpo_loss(logprobs, old, ref, rollout.advantages[samples], rollout.mask[samples],
-                                            config.epsilon, config.beta, config.epsilon_high, config.loss_type)
+                                            config.epsilon, config.beta, config.epsilon_high, config.loss_type,
+                                            config.max_new_tokens)
                     weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask)
                 with timer("time_backward"):
                     (loss * weight).backward()
@@ -1014,6 +1023,26 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
         totals["loss"] += step_loss / config.num_iterations
         totals["grad_norm"] += grad_norm / config.num_iterations
     return dict(totals)
+
+
+def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, optimizer, scheduler,
+              config: Config, device) -> dict[str, float]:
+    """One GRPO step on a batch of articles: rollout and rewards, reference (and old) log-probs, mu updates.
+
+    Returns this process's numbers for metrics.jsonl, including the seconds spent in each phase.
+    """
+    timer, started = PhaseTimer(device), time.perf_counter()
+    rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
+    with timer("time_reference"):
+        rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
+    if config.num_iterations > 1:  # pi_old = the policy as it sampled; with mu = 1 the ratio is exactly 1
+        with timer("time_old"):
+            rollout.old_logprobs = sequence_logprobs_no_grad(GroupedSeq2Seq(policy), rollout, config, device)
+    update_stats = grpo_update(policy_forward, optimizer, scheduler, rollout, config, device, timer)
+    numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
+    numbers.setdefault("nonfinite_updates", 0.0)
+    numbers["generated_tokens"] = float(rollout.mask.sum())
+    return {**numbers, **timer.seconds, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1296,6 +1325,76 @@ def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):
 
 
 # --------------------------------------------------------------------------------------------------
+# Benchmark: a fixed, seeded workload timed phase by phase (--benchmark)
+# --------------------------------------------------------------------------------------------------
+BENCHMARK_WARMUP_STEPS = 2  # steps run before timing starts (allocator and caches warm up)
+
+
+def time_rouge(pairs: int = 64, group_size: int = 8, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds for the reward's ROUGE on `pairs` synthetic (summary, reference) pairs: ours vs rouge_score."""
+    from rouge_score import rouge_scorer
+
+    rows = make_synthetic_corpus(pairs + pairs // group_size, seed=123)
+    references = [rows[i // group_size]["highlights"] for i in range(pairs)]
+    predictions = [row["highlights"] for row in rows[pairs // group_size:]]
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    split = ["\n".join(split_sentences(text)) for text in predictions + references]
+
+    def best_of(function) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times)
+
+    ours = best_of(lambda: rouge_f1(predictions, references))
+    theirs = best_of(lambda: [scorer.score(r, p) for p, r in zip(split[:pairs], split[pairs:])])
+    return {"rouge_pairs": pairs, "rouge_ms": ours, "rouge_score_ms": theirs}
+
+
+def run_benchmark(config: Config, dist: "Distributed", log) -> int:
+    """GRPO steps on the demo's tiny model (untrained, so every sample runs to max_new_tokens) and data."""
+    import resource
+    from transformers import get_scheduler
+
+    device = dist.device
+    torch.manual_seed(config.seed)
+    train_rows, _ = load_data(config, log)
+    policy, tokenizer = load_policy_and_tokenizer(config, device)
+    policy.eval()
+    reference_forward = GroupedSeq2Seq(frozen_copy(policy))
+    policy_forward = torch.compile(GroupedSeq2Seq(policy)) if config.compile else GroupedSeq2Seq(policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)
+    scheduler = get_scheduler("constant", optimizer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    totals = Counter()
+    for step in range(BENCHMARK_WARMUP_STEPS + config.max_steps):
+        rows = train_rows[batch_indices(step, config.batch_size, len(train_rows), config.seed)]
+        numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
+                            config, device)
+        if step >= BENCHMARK_WARMUP_STEPS:
+            totals.update({k: v for k, v in numbers.items() if k.startswith("time_") or k in ("seconds", "generated_tokens")})
+    seconds = totals.pop("seconds")
+    result = {"device": str(device), "steps": config.max_steps, "batch_size": config.batch_size,
+              "group_size": config.group_size, "max_new_tokens": config.max_new_tokens,
+              "num_iterations": config.num_iterations, "steps_per_second": config.max_steps / seconds,
+              "articles_per_second": config.max_steps * config.batch_size / seconds,
+              "generated_tokens_per_second": totals.pop("generated_tokens") / seconds,
+              **{f"share_{k.removeprefix('time_')}": v / seconds for k, v in sorted(totals.items())},
+              "peak_cpu_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result.update(time_rouge())
+    with open(os.path.join(config.output_dir, "benchmark.json"), "w", encoding="utf-8") as file:
+        json.dump(result, file, indent=1)
+    for key, value in result.items():
+        print(f"{key:<30}{value:>14.4f}" if isinstance(value, float) else f"{key:<30}{value!s:>14}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # main: data -> models -> (SFT) -> evaluate -> GRPO steps (rollout, reference, update) -> evaluate -> save
 # --------------------------------------------------------------------------------------------------
 def prepare_output_dir(config: Config, log) -> None:
@@ -1351,7 +1450,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     if dist.is_main:
         prepare_output_dir(config, log)
     dist.barrier()
-    if config.demo:
+    if config.demo or config.benchmark:
         config = prepare_demo(config, dist, log)
     if config.benchmark:
         return run_benchmark(config, dist, log)
@@ -1406,27 +1505,18 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=state.step)
     try:
         for step in range(state.step + 1, config.max_steps + 1):
-            timer, started = PhaseTimer(device), time.perf_counter()
             rows = train_rows[batch_indices(step - 1, config.batch_size, len(train_rows), config.seed,
                                             dist.rank, dist.world_size)]
-            rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
-            unwrapped_forward = GroupedSeq2Seq(policy)
-            with timer("time_reference"):
-                rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
-            if config.num_iterations > 1:
-                with timer("time_old"):
-                    rollout.old_logprobs = sequence_logprobs_no_grad(unwrapped_forward, rollout, config, device)
-            update_stats = grpo_update(policy_forward, optimizer, scheduler, rollout, config, device, timer)
-            skipped = dist.any(update_stats.get("nonfinite_updates", 0) == config.num_iterations)
+            numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
+                                config, device)
+            skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
             state.step = step
             state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
             state.nonfinite_total += skipped
-            state.articles_truncated += rollout_stats["articles_truncated"]
+            state.articles_truncated += int(numbers["articles_truncated"])
             if skipped:
                 log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped "
                     f"({state.nonfinite_in_a_row} in a row)")
-            numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
-            numbers.update(timer.seconds, seconds=time.perf_counter() - started)
             metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0],
                        "nonfinite_steps": state.nonfinite_total, "articles_truncated": state.articles_truncated}
             if dist.is_main:

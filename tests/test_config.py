@@ -1,0 +1,184 @@
+"""Command-line parsing, config validation and main()'s exit codes for bad flags."""
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+
+import grpo_encoder_decoder_summarization as grpo
+
+
+# --------------------------------------------------------------------------------------------------
+# parse_args
+# --------------------------------------------------------------------------------------------------
+def test_parse_args_defaults():
+    config, given = grpo.parse_args([])
+    assert given == set()
+    assert config == grpo.Config()
+    assert config.model_name == "facebook/bart-base"
+    assert config.group_size == 8 and config.batch_size == 8 and config.micro_batch_size == 16
+    assert config.beta == 0.04 and config.epsilon == 0.2 and config.epsilon_high is None
+    assert config.loss_type == "grpo" and config.scale_rewards is True
+    assert config.resume is False and config.demo is False
+    assert config.output_dir == "runs/grpo"
+
+
+def test_parse_args_int():
+    config, given = grpo.parse_args(["--group_size=4"])
+    assert config.group_size == 4 and type(config.group_size) is int
+    assert given == {"group_size"}
+
+
+def test_parse_args_float():
+    config, _ = grpo.parse_args(["--beta=0.1"])
+    assert config.beta == 0.1 and type(config.beta) is float
+    config, _ = grpo.parse_args(["--beta=1e-3"])
+    assert config.beta == 0.001
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--resume=True"], True),
+    (["--resume=true"], True),
+    (["--resume=1"], True),
+    (["--resume=yes"], True),
+    (["--resume"], True),
+    (["--resume=False"], False),
+    (["--resume=0"], False),
+    (["--resume=no"], False),
+])
+def test_parse_args_bool(argv, expected):
+    config, given = grpo.parse_args(argv)
+    assert config.resume is expected
+    assert given == {"resume"}
+
+
+def test_parse_args_optional_float():
+    assert grpo.parse_args(["--epsilon_high=none"])[0].epsilon_high is None
+    assert grpo.parse_args(["--epsilon_high=None"])[0].epsilon_high is None
+    config, _ = grpo.parse_args(["--epsilon_high=0.3"])
+    assert config.epsilon_high == 0.3 and type(config.epsilon_high) is float
+
+
+def test_parse_args_string_keeps_equals_signs_and_spaces():
+    config, _ = grpo.parse_args(["--source_prefix=summarize: ", "--model_name=a=b"])
+    assert config.source_prefix == "summarize: "
+    assert config.model_name == "a=b"
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["--bogus=1"], "bogus"),
+    (["--bogus"], "bogus"),
+    (["--group_size=4", "--learning-rate=1e-5"], "learning-rate"),
+    (["group_size=4"], "group_size=4"),  # no leading --
+])
+def test_parse_args_unknown_option_raises_config_error(argv, name):
+    with pytest.raises(grpo.ConfigError, match="unknown option") as info:
+        grpo.parse_args(argv)
+    assert name in str(info.value)
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("arg, flag, kind", [
+    ("--group_size=abc", "--group_size", "int"),
+    ("--group_size=4.0", "--group_size", "int"),
+    ("--beta=x", "--beta", "float"),
+    ("--epsilon_high=high", "--epsilon_high", "float"),
+    ("--resume=maybe", "--resume", "bool"),
+])
+def test_parse_args_wrong_type_names_flag_and_type(arg, flag, kind):
+    with pytest.raises(grpo.ConfigError) as info:
+        grpo.parse_args([arg])
+    message = str(info.value)
+    assert flag in message and kind in message
+
+
+def test_parse_args_non_bool_flag_without_value_raises():
+    with pytest.raises(grpo.ConfigError, match="--group_size"):
+        grpo.parse_args(["--group_size"])
+
+
+def test_parse_args_demo_applies_demo_config():
+    config, given = grpo.parse_args(["--demo"])
+    assert given == {"demo"}
+    assert config.demo is True
+    for name, value in grpo.DEMO_CONFIG.items():
+        assert getattr(config, name) == value, name
+    # a few of the demo values, written out
+    assert config.output_dir == "runs/demo" and config.sft_steps == 300 and config.max_steps == 120
+    assert config.micro_batch_size == 64 and config.lr_scheduler == "constant_with_warmup"
+    # fields DEMO_CONFIG does not name keep their defaults
+    assert config.loss_type == "grpo" and config.epsilon == 0.2
+
+
+def test_parse_args_demo_keeps_flags_given_explicitly():
+    config, given = grpo.parse_args(["--max_steps=7", "--demo", "--group_size=4", "--output_dir=/tmp/x"])
+    assert given == {"demo", "max_steps", "group_size", "output_dir"}
+    assert config.max_steps == 7 and config.group_size == 4 and config.output_dir == "/tmp/x"
+    assert config.sft_steps == 300 and config.batch_size == 8 and config.beta == 0.02  # the rest from DEMO_CONFIG
+    # a flag given explicitly with its default value still wins over the demo value
+    config, _ = grpo.parse_args(["--demo", "--beta=0.04"])
+    assert config.beta == 0.04
+
+
+# --------------------------------------------------------------------------------------------------
+# validate_config
+# --------------------------------------------------------------------------------------------------
+def test_validate_config_passes_for_defaults_and_demo():
+    grpo.validate_config(grpo.Config())
+    grpo.validate_config(grpo.parse_args(["--demo"])[0])
+
+
+@pytest.mark.parametrize("changes, flag", [
+    (dict(group_size=1), "--group_size"),
+    (dict(batch_size=0), "--batch_size"),
+    (dict(beta=-1.0), "--beta"),
+    (dict(epsilon=0.0), "--epsilon"),
+    (dict(top_p=0.0), "--top_p"),
+    (dict(top_p=1.5), "--top_p"),
+    (dict(micro_batch_size=12), "--micro_batch_size"),  # G = 8
+    (dict(micro_batch_size=4), "--micro_batch_size"),  # fewer than one group
+    (dict(group_size=3, micro_batch_size=16), "--micro_batch_size"),
+    (dict(loss_type="ppo"), "--loss_type"),
+    (dict(epsilon_high=0.0), "--epsilon_high"),
+    (dict(best_metric="bleu"), "--best_metric"),
+    (dict(device="gpu"), "--device"),
+    (dict(rouge1_weight=0.0, rouge2_weight=0.0, rougeL_weight=0.0, rougeLsum_weight=0.0), "rouge*_weight"),
+])
+def test_validate_config_rejects(changes, flag):
+    with pytest.raises(grpo.ConfigError) as info:
+        grpo.validate_config(dataclasses.replace(grpo.Config(), **changes))
+    assert flag in str(info.value)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(top_p=1.0), dict(top_p=0.9), dict(beta=0.0), dict(group_size=4, micro_batch_size=4),
+    dict(micro_batch_size=64), dict(epsilon_high=0.28), dict(loss_type="gspo"), dict(device="cuda:1"),
+])
+def test_validate_config_accepts(changes):
+    grpo.validate_config(dataclasses.replace(grpo.Config(), **changes))
+
+
+# --------------------------------------------------------------------------------------------------
+# main: a bad flag is one line on stderr and exit code 2, before any training starts
+# --------------------------------------------------------------------------------------------------
+def test_main_unknown_flag_returns_2_with_one_error_line(capsys):
+    assert grpo.main(["--bogus=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bogus" in lines[0]
+
+
+def test_main_invalid_value_returns_2(capsys):
+    assert grpo.main(["--group_size=1"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--group_size" in lines[0]
+
+
+def test_main_wrong_type_returns_2(capsys):
+    assert grpo.main(["--group_size=abc"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")

@@ -1,0 +1,248 @@
+"""The ROUGE reward against rouge_score itself, sentence splitting without punkt, and a silent import."""
+
+import os
+import random
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import pytest
+from rouge_score import rouge_scorer
+
+import grpo_encoder_decoder_summarization as grpo
+
+KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
+# A small vocabulary so that words repeat a lot (many LCS ties); stems collide (run/runs/running).
+WORDS = ("the cat cats dog dogs run runs running ran a an on in mat sat sits quickly quick "
+         "Bellmoor Council 12 3.5 votes vote voted").split()
+PUNCT = ("", "", "", "", ",", ".", "!", "?", ";", " -", "'s", "...")
+
+
+def reference_scores(prediction: str, reference: str) -> dict[str, float]:
+    """rouge_score's F1s, with sentences split by the script's splitter and joined by newlines (for ROUGE-Lsum)."""
+    scores = SCORER.score(target="\n".join(grpo.split_sentences(reference)),
+                          prediction="\n".join(grpo.split_sentences(prediction)))
+    return {key: scores[key].fmeasure for key in KEYS}
+
+
+def assert_matches_rouge_score(predictions: list[str], references: list[str]) -> None:
+    ours = grpo.rouge_f1(predictions, references)
+    for i, (prediction, reference) in enumerate(zip(predictions, references)):
+        theirs = reference_scores(prediction, reference)
+        for key in KEYS:
+            assert abs(ours[key][i] - theirs[key]) <= 1e-9, (key, prediction, reference, ours[key][i], theirs[key])
+
+
+def word_soup(rng: random.Random, max_words: int = 30) -> str:
+    words = []
+    for _ in range(rng.randint(0, max_words)):
+        word = rng.choice(WORDS)
+        words.append(word.capitalize() if rng.random() < 0.15 else word)
+        words[-1] += rng.choice(PUNCT)
+        if rng.random() < 0.05:
+            words[-1] += "\n"
+    return " ".join(words)
+
+
+@pytest.fixture(autouse=True)
+def fresh_punkt_cache():
+    grpo.have_punkt.cache_clear()
+    yield
+    grpo.have_punkt.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# rouge_f1 against rouge_score
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(8))
+def test_rouge_f1_matches_rouge_score_on_word_soup(seed):
+    rng = random.Random(seed)
+    predictions = [word_soup(rng) for _ in range(25)]
+    references = [word_soup(rng) for _ in range(25)]
+    assert_matches_rouge_score(predictions, references)
+
+
+def test_rouge_f1_matches_rouge_score_with_long_repetitive_texts():
+    """Longer texts (past 64 tokens, so the LCS bitmasks are multi-word integers) from 4 words only."""
+    rng = random.Random(123)
+    vocabulary = ["run", "runs", "the", "cat."]
+    make = lambda: " ".join(rng.choice(vocabulary) for _ in range(rng.randint(60, 150)))
+    assert_matches_rouge_score([make() for _ in range(6)], [make() for _ in range(6)])
+
+
+def test_rouge_f1_matches_rouge_score_on_punctuation_numbers_and_capitals():
+    predictions = [
+        "The U.S. economy grew 3.5% in Q2, officials said on Monday!",
+        "Shares of ACME Corp. rose 12 percent; the CEO (John Smith) was \"delighted\".",
+        "It's 9:30 a.m. -- and the 2024/25 season starts now?! Yes.",
+        "Café owners in Zürich said naïve tourists paid €5.",
+        "RUNNING runners ran; Running RUNS run.",
+    ]
+    references = [
+        "US economy grows 3.5 percent in second quarter. Officials say growth was strong.",
+        "ACME shares up 12%. CEO John Smith delighted.",
+        "The 2024-25 season starts at 9.30am. Fans are ready!",
+        "Tourists in Zurich pay 5 euros for coffee.",
+        "Runners are running. The runner runs!",
+    ]
+    assert_matches_rouge_score(predictions, references)
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("", ""),
+    ("", "The cat sat."),
+    ("The cat sat.", ""),
+    ("...!?", "The cat sat."),
+    ("The cat sat.", "-- ... !!"),
+    ("...", "?!"),
+    ("   \n  ", "The cat sat."),
+])
+def test_rouge_f1_empty_and_punctuation_only_texts(prediction, reference):
+    assert_matches_rouge_score([prediction], [reference])
+    scores = grpo.rouge_f1([prediction], [reference])
+    assert all(scores[key] == [0.0] for key in KEYS)
+
+
+@pytest.mark.parametrize("text", [
+    "The cat sat on the mat.",
+    "Council votes for new bridge. Building starts in 2026, the mayor says!\nA second line here?",
+    "a a a a b b a b a",
+])
+def test_rouge_f1_identical_texts_score_one(text):
+    assert_matches_rouge_score([text], [text])
+    scores = grpo.rouge_f1([text], [text])
+    assert all(scores[key] == [1.0] for key in KEYS)
+
+
+def test_rouge_f1_matches_rouge_score_on_multi_sentence_texts():
+    predictions = [
+        "The council voted on Monday. It will build a bridge! Work starts in 2026.",
+        "Work starts in 2026. The council voted.\nThe bridge costs 12 million.",
+        "Bridge. Council. Vote. Bridge. Council. Vote.",
+        "The dog ran. The dog ran. The dog ran.",
+    ]
+    references = [
+        "Council approves new bridge. Work to start in 2026, mayor says.",
+        "Council approves new bridge.\nWork to start in 2026.",
+        "The council voted for the bridge. The vote was close.",
+        "The dog ran away. A dog ran home? The cat ran.",
+    ]
+    assert_matches_rouge_score(predictions, references)
+
+
+def test_rouge_f1_matches_rouge_score_in_the_bxg_layout():
+    """B = 4 references, each repeated G = 5 times contiguously, as rollout_step lays them out."""
+    rng = random.Random(7)
+    articles, group_size = [word_soup(rng, 25) for _ in range(4)], 5
+    references = [reference for reference in articles for _ in range(group_size)]
+    predictions = [word_soup(rng, 25) for _ in references]
+    predictions[3] = predictions[2]  # a duplicate sample within a group
+    predictions[6] = references[6]  # a perfect sample
+    assert_matches_rouge_score(predictions, references)
+    assert grpo.rouge_f1(predictions, references)["rouge1"][6] == (1.0 if grpo.rouge_tokens(references[6]) else 0.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lcs_reference_positions_match_rouge_score_lcs_ind(seed):
+    rng = random.Random(seed)
+    for _ in range(200):
+        reference = [rng.choice("abcd") for _ in range(rng.randint(0, 12))]
+        candidate = [rng.choice("abcd") for _ in range(rng.randint(0, 12))]
+        ours = grpo.lcs_reference_positions(reference, grpo.position_masks(reference), candidate)
+        assert sorted(ours) == sorted(rouge_scorer.lcs_ind(reference, candidate)), (reference, candidate)
+
+
+# --------------------------------------------------------------------------------------------------
+# rouge_rewards
+# --------------------------------------------------------------------------------------------------
+PREDICTIONS = ["The council voted for a bridge.", "Cats sat on mats. Dogs ran.", "", "bridge bridge bridge",
+               "Council approves new bridge. Work starts in 2026."]
+REFERENCES = ["Council approves new bridge. Work starts in 2026."] * 3 + ["The cat sat on the mat."] * 2
+
+
+def test_rouge_rewards_default_is_mean_of_rouge1_rouge2_rougelsum():
+    rewards = grpo.rouge_rewards(PREDICTIONS, REFERENCES)
+    scores = grpo.rouge_f1(PREDICTIONS, REFERENCES)
+    assert len(rewards) == len(PREDICTIONS)
+    for i, reward in enumerate(rewards):
+        assert 0.0 <= reward <= 1.0
+        expected = (scores["rouge1"][i] + scores["rouge2"][i] + scores["rougeLsum"][i]) / 3
+        assert reward == pytest.approx(expected, abs=1e-12)
+    assert rewards[2] == 0.0
+    assert rewards[4] == pytest.approx(0.0, abs=0)  # no shared token with "The cat sat on the mat."
+
+
+def test_rouge_rewards_identical_text_gets_one():
+    assert grpo.rouge_rewards(["Council approves new bridge."], ["Council approves new bridge."]) == [1.0]
+
+
+def test_rouge_rewards_respects_weights():
+    scores = grpo.rouge_f1(PREDICTIONS, REFERENCES)
+    assert grpo.rouge_rewards(PREDICTIONS, REFERENCES, {"rougeL": 1.0}) == scores["rougeL"]
+    mixed = grpo.rouge_rewards(PREDICTIONS, REFERENCES, {"rouge1": 0.25, "rouge2": 0.75})
+    for i, reward in enumerate(mixed):
+        assert reward == pytest.approx(0.25 * scores["rouge1"][i] + 0.75 * scores["rouge2"][i], abs=1e-12)
+
+
+def test_reward_weights_from_config_are_normalized():
+    config = grpo.Config(rouge1_weight=2.0, rouge2_weight=0.0, rougeL_weight=1.0, rougeLsum_weight=1.0)
+    assert grpo.reward_weights(config) == {"rouge1": 0.5, "rouge2": 0.0, "rougeL": 0.25, "rougeLsum": 0.25}
+    assert grpo.reward_weights(grpo.Config()) == pytest.approx(
+        {"rouge1": 1 / 3, "rouge2": 1 / 3, "rougeL": 0.0, "rougeLsum": 1 / 3})
+
+
+def test_rouge_rewards_and_f1_reject_mismatched_lengths():
+    with pytest.raises(ValueError):
+        grpo.rouge_rewards(["a b", "c"], ["a b"])
+    with pytest.raises(ValueError):
+        grpo.rouge_f1(["a b"], [])
+
+
+# --------------------------------------------------------------------------------------------------
+# sentence splitting without punkt, and the one-time notice
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_punkt(monkeypatch):
+    """Make nltk behave as if punkt_tab were not installed (it is not installed here either)."""
+    import nltk
+
+    def missing(resource, *args, **kwargs):
+        raise LookupError(f"Resource {resource} not found.")
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    grpo.have_punkt.cache_clear()
+
+
+def test_split_sentences_without_punkt(no_punkt):
+    text = "  The council voted. Work starts in 2026!  Is it late?\nA new line\n\nand the end  "
+    assert grpo.split_sentences(text) == ["The council voted.", "Work starts in 2026!", "Is it late?",
+                                          "A new line", "and the end"]
+    assert grpo.split_sentences("") == []
+    assert grpo.split_sentences("No final stop") == ["No final stop"]
+    assert grpo.have_punkt() is False
+
+
+def test_have_punkt_notice_printed_at_most_once(no_punkt, capsys):
+    for _ in range(3):
+        grpo.have_punkt()
+        grpo.split_sentences("One. Two.")
+    grpo.rouge_f1(["One. Two."], ["Two. One."])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    notes = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("note:") and "punkt" in notes[0]
+
+
+def test_rouge_f1_without_punkt_matches_rouge_score(no_punkt):
+    assert_matches_rouge_score(["The cat sat. The dog ran! Cats run?"], ["A dog ran. The cat sat on the mat."])
+
+
+def test_importing_the_module_prints_nothing():
+    result = subprocess.run([sys.executable, "-c", "import grpo_encoder_decoder_summarization"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == ""
