@@ -1,0 +1,98 @@
+"""Shared fixtures for the integration tests of grpo_encoder_decoder_summarization.py.
+
+Everything is built offline from configs (no downloads): a tiny T5 with the byte-level ByT5 tokenizer, a tiny
+BART with a word-level tokenizer trained on the script's own synthetic corpus, and small .jsonl splits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "grpo_encoder_decoder_summarization.py"
+
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def grpo():
+    """The script imported as a module."""
+    return importlib.import_module("grpo_encoder_decoder_summarization")
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # never join a torchrun process group by accident
+        env.pop(name, None)
+    env.update(overrides)
+    return env
+
+
+def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the script in a fresh interpreter, offline, capturing stdout and stderr as text."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env or subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def script_runner():
+    """The run_script helper, as a fixture for tests that prefer injection over import."""
+    return run_script
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A 1+1-layer T5 (d_model 32) with the ByT5 byte tokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    directory = tmp_path_factory.mktemp("tiny_t5")
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, dropout_rate=0.0)
+    assert len(tokenizer) <= config.vocab_size
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_dir(tmp_path_factory, grpo) -> Path:
+    """A 1+1-layer BART (d_model 32) with a word-level tokenizer trained offline on the synthetic corpus."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    directory = tmp_path_factory.mktemp("tiny_bart")
+    rows = grpo.make_synthetic_corpus(200, seed=0)
+    texts = [r["article"] for r in rows] + [r["highlights"] for r in rows]
+    tokenizer = grpo.build_word_tokenizer(texts, str(directory), "bart")
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=tokenizer.bos_token_id, dropout=0.0)
+    torch.manual_seed(0)
+    BartForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory, grpo) -> tuple[Path, Path]:
+    """train.jsonl (40 rows) and validation.jsonl (8 rows) of synthetic articles; returns their paths."""
+    directory = tmp_path_factory.mktemp("data")
+    train, validation = grpo.write_demo_splits(str(directory), num_train=40, num_eval=8, seed=0)
+    return Path(train), Path(validation)

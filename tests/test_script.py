@@ -1,0 +1,365 @@
+"""Integration tests of grpo_encoder_decoder_summarization.py: whole runs in a subprocess, exact resume,
+one encoder pass per article (not per sample), and one clear error line for each kind of bad input.
+
+Everything runs offline on tiny models built from configs in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_script
+
+# Small but complete runs: 2 articles x 4 samples per step, 8 new tokens.
+RUN_ARGS = ("--max_steps=3", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
+            "--max_source_length=64", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--sft_batch_size=4",
+            "--device=cpu")
+STEP_KEYS = {"step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length", "lr", "seconds",
+             "time_generate", "time_reward", "time_reference", "time_forward", "time_backward", "time_optimizer"}
+EVAL_KEYS = {"step", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def check_ok(result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def data_args(data_files) -> tuple[str, str]:
+    train, validation = data_files
+    return f"--train_file={train}", f"--validation_file={validation}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. A whole run on T5 and on BART
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, extra", [
+    ("t5", ()),
+    ("bart", ("--sft_steps=2", "--num_iterations=2")),
+], ids=["t5", "bart-sft-mu2"])
+def test_full_run(model, extra, tiny_t5_dir, tiny_bart_dir, data_files, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model_dir = {"t5": tiny_t5_dir, "bart": tiny_bart_dir}[model]
+    out = tmp_path / "run"
+    result = run_script(f"--model_name={model_dir}", *data_args(data_files), *RUN_ARGS, *extra,
+                        f"--output_dir={out}", cwd=tmp_path)
+    check_ok(result)
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    expected_keys = STEP_KEYS | ({"time_old"} if "--num_iterations=2" in extra else set())
+    for m in metrics:
+        assert expected_keys <= m.keys(), f"missing {expected_keys - m.keys()}"
+        for key in expected_keys:
+            assert isinstance(m[key], (int, float)) and m[key] == m[key], (key, m[key])  # a number, not NaN
+        assert 0.0 <= m["reward_mean"] <= 1.0
+        assert m["kl"] >= 0.0 and 0.0 <= m["clip_fraction"] <= 1.0
+        assert 0 < m["completion_length"] <= 8
+
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    for e in evals:
+        assert EVAL_KEYS <= e.keys(), f"missing {EVAL_KEYS - e.keys()}"
+        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            assert 0.0 <= e[key] <= 1.0
+
+    final = out / "final"
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert loaded.config.is_encoder_decoder
+    original = AutoTokenizer.from_pretrained(model_dir)
+    text = "The council of Ashgrove voted on Monday."
+    assert tokenizer(text)["input_ids"] == original(text)["input_ids"]
+    assert (out / "curves.png").is_file() and (out / "curves.png").stat().st_size > 0
+    if "--sft_steps=2" in extra:
+        assert (out / "reference" / "config.json").is_file()  # pi_ref after SFT, kept for a resumed run
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Resume: no step twice, and the same numbers as a run that was never stopped
+# --------------------------------------------------------------------------------------------------
+def test_resume_is_exact(tiny_bart_dir, data_files, tmp_path):
+    # A learning rate large enough that the policy moves, a constant schedule (so max_steps=2 and max_steps=4
+    # runs share their learning rates), and an SFT phase with a high rate so pi_ref differs from the base
+    # model: a resumed run that rebuilt pi_ref from the base model would show a different KL.
+    common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), "--batch_size=2", "--group_size=4",
+              "--micro_batch_size=4", "--max_new_tokens=8", "--max_source_length=64", "--eval_every=2",
+              "--eval_samples=4", "--save_every=2", "--device=cpu", "--learning_rate=1e-3",
+              "--lr_scheduler=constant", "--warmup_steps=0", "--sft_steps=2", "--sft_batch_size=4",
+              "--sft_learning_rate=1e-2", "--num_iterations=2", "--seed=3")
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+
+    check_ok(run_script(*common, "--max_steps=2", f"--output_dir={resumed}", cwd=tmp_path))
+    assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2]
+    result = run_script(*common, "--max_steps=4", "--resume=True", f"--output_dir={resumed}", cwd=tmp_path)
+    check_ok(result)
+    assert "resumed from" in result.stderr and "at step 2" in result.stderr, result.stderr
+    check_ok(run_script(*common, "--max_steps=4", f"--output_dir={straight}", cwd=tmp_path))
+
+    after_resume, uninterrupted = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(straight / "metrics.jsonl")
+    assert [m["step"] for m in after_resume] == [1, 2, 3, 4]
+    assert [m["step"] for m in uninterrupted] == [1, 2, 3, 4]
+    assert [e["step"] for e in read_jsonl(resumed / "eval.jsonl")] == [0, 2, 4]
+    for ours, theirs in zip(after_resume, uninterrupted):
+        for key in ("reward_mean", "loss", "kl", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-12), (ours["step"], key)
+    assert any(m["kl"] > 0 for m in after_resume[2:]), "the policy never moved: the comparison would be vacuous"
+
+    from safetensors.torch import load_file
+
+    weights_a = load_file(resumed / "final" / "model.safetensors")
+    weights_b = load_file(straight / "final" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The encoder runs once per article, not once per sample; gradients reach encoder and decoder
+# --------------------------------------------------------------------------------------------------
+def build_in_process(grpo, model_dir, data_files, **overrides):
+    """The objects train() builds, in this process: config, data, policy, reference, optimizer, scheduler."""
+    from transformers import get_scheduler
+
+    train_file, validation_file = data_files
+    settings = dict(model_name=str(model_dir), train_file=str(train_file), validation_file=str(validation_file),
+                    group_size=4, batch_size=3, micro_batch_size=12, num_iterations=2, max_new_tokens=8,
+                    max_source_length=64, eval_samples=4, device="cpu", learning_rate=1e-2,
+                    lr_scheduler="constant", warmup_steps=0, max_steps=1, seed=0)
+    settings.update(overrides)
+    config = grpo.Config(**settings)
+    grpo.validate_config(config)
+    device = torch.device("cpu")
+    torch.manual_seed(config.seed)
+    train_rows, held_out = grpo.load_data(config, log=lambda message: None)
+    assert len(train_rows) == 40 and len(held_out) == 4
+    policy, tokenizer = grpo.load_policy_and_tokenizer(config, device)
+    policy.eval()
+    reference = grpo.frozen_copy(policy)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps,
+                              config.max_steps * config.num_iterations)
+    rows = train_rows[grpo.batch_indices(0, config.batch_size, len(train_rows), config.seed)]
+    return config, device, policy, tokenizer, reference, optimizer, scheduler, rows
+
+
+def count_encoder_rows(encoder, log: list, phase: list):
+    """A forward hook that appends (phase, rows of input_ids) for each encoder call."""
+
+    def hook(module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        assert input_ids is not None, "the encoder was called without input_ids"
+        log.append((phase[0], int(input_ids.shape[0])))
+
+    return encoder.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("model", ["bart", "t5"])
+@pytest.mark.parametrize("whole_batch", [True, False], ids=["one-micro-batch", "one-article-per-micro-batch"])
+def test_encoder_sees_each_article_once_per_pass(grpo, model, whole_batch, tiny_bart_dir, tiny_t5_dir, data_files,
+                                                 monkeypatch):
+    model_dir = {"bart": tiny_bart_dir, "t5": tiny_t5_dir}[model]
+    B, G = 3, 4
+    config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+        grpo, model_dir, data_files, batch_size=B, group_size=G, micro_batch_size=B * G if whole_batch else G)
+    assert config.num_iterations == 2  # so that the old-policy pass runs and the update makes two passes
+    phase = ["none"]
+    rollouts = []
+
+    # Label the phases by wrapping the functions grpo_step calls (it looks them up in the module at call time).
+    def labelled(name, function, label=None):
+        def wrapper(*args, **kwargs):
+            phase[0] = label(*args) if label else name
+            try:
+                result = function(*args, **kwargs)
+            finally:
+                phase[0] = "none"
+            if name == "generate":
+                rollouts.append(result[0])
+            return result
+        return wrapper
+
+    monkeypatch.setattr(grpo, "rollout_step", labelled("generate", grpo.rollout_step))
+    monkeypatch.setattr(grpo, "sequence_logprobs_no_grad", labelled(
+        "score", grpo.sequence_logprobs_no_grad, lambda forward, *_: "reference" if forward.model is reference else "old"))
+    monkeypatch.setattr(grpo, "grpo_update", labelled("update", grpo.grpo_update))
+
+    policy_calls, reference_calls = [], []
+    # Hooks go on after frozen_copy: a deep copy would copy the policy's hook onto the reference too.
+    handles = [count_encoder_rows(policy.get_encoder(), policy_calls, phase),
+               count_encoder_rows(reference.get_encoder(), reference_calls, phase)]
+    try:
+        # The step exactly as train() runs it: rollout, reference log-probs, old log-probs, mu updates.
+        numbers = grpo.grpo_step(policy, grpo.GroupedSeq2Seq(policy), grpo.GroupedSeq2Seq(reference), tokenizer, rows,
+                                 optimizer, scheduler, config, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    (rollout,) = rollouts
+    assert rollout.input_ids.shape[0] == B
+    assert rollout.completion_ids.shape[0] == B * G and rollout.decoder_input_ids.shape[0] == B * G
+    assert rollout.advantages.shape == (B * G,)
+    assert torch.all(rollout.decoder_input_ids[:, 0] == policy.config.decoder_start_token_id)
+    assert rollout.ref_logprobs.shape == rollout.completion_ids.shape == rollout.old_logprobs.shape
+    assert numbers["nonfinite_updates"] == 0
+    per_pass = [B] if whole_batch else [1] * B  # rows per encoder call within one pass over the rollout
+    assert [rows for p, rows in policy_calls if p == "generate"] == [B]
+    assert [rows for p, rows in reference_calls if p == "reference"] == per_pass
+    assert [rows for p, rows in policy_calls if p == "old"] == per_pass
+    assert [rows for p, rows in policy_calls if p == "update"] == per_pass * config.num_iterations
+    assert [p for p, _ in policy_calls] == ["generate"] + ["old"] * len(per_pass) + ["update"] * 2 * len(per_pass)
+    assert [p for p, _ in reference_calls] == ["reference"] * len(per_pass)
+    assert all(rows != B * G for _, rows in policy_calls + reference_calls)
+
+
+def layer_weights(policy) -> dict[str, torch.nn.Parameter]:
+    """One weight matrix of the first encoder layer and of the first decoder layer (BART or T5)."""
+    named = dict(policy.named_parameters())
+    encoder = next(n for n in named if "encoder" in n and ".0." in n and n.endswith("weight") and named[n].dim() == 2)
+    decoder = next(n for n in named if "decoder" in n and ".0." in n and n.endswith("weight") and named[n].dim() == 2)
+    return {encoder: named[encoder], decoder: named[decoder]}
+
+
+@pytest.mark.parametrize("model", ["bart", "t5"])
+def test_update_reaches_encoder_and_decoder(grpo, model, tiny_bart_dir, tiny_t5_dir, data_files):
+    model_dir = {"bart": tiny_bart_dir, "t5": tiny_t5_dir}[model]
+    config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+        grpo, model_dir, data_files, num_iterations=1)
+    timer = grpo.PhaseTimer(device)
+    rollout, _ = grpo.rollout_step(policy, tokenizer, rows, config, device, timer)
+    rollout.ref_logprobs = grpo.sequence_logprobs_no_grad(grpo.GroupedSeq2Seq(reference), rollout, config, device)
+    # A random tiny model often earns the same (zero) ROUGE for every sample, so set non-zero advantages.
+    rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * config.batch_size)
+    watched = layer_weights(policy)
+    before = {name: p.detach().clone() for name, p in watched.items()}
+    encoder_ids = {id(p) for p in policy.get_encoder().parameters()}
+    assert sum(id(p) in encoder_ids for p in watched.values()) == 1  # one encoder and one decoder weight
+
+    stats = grpo.grpo_update(grpo.GroupedSeq2Seq(policy), optimizer, scheduler, rollout, config, device, timer)
+
+    assert stats["grad_norm"] > 0 and stats.get("nonfinite_updates", 0) == 0
+    for name, parameter in watched.items():
+        assert parameter.grad is not None, f"no gradient reached {name}"
+        assert parameter.grad.abs().sum() > 0, f"zero gradient at {name}"
+        assert not torch.equal(parameter.detach(), before[name]), f"{name} did not change"
+    for name, parameter in reference.named_parameters():  # pi_ref stays frozen
+        assert parameter.grad is None and not parameter.requires_grad, name
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Bad input: a non-zero exit and one "error:" line on stderr, never a traceback
+# --------------------------------------------------------------------------------------------------
+SMALL_RUN = ("--max_steps=1", "--batch_size=2", "--group_size=2", "--micro_batch_size=2", "--max_new_tokens=4",
+             "--max_source_length=32", "--eval_samples=2", "--device=cpu")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def case_unknown_flag(tmp_path, models, data):
+    return ["--no_such_flag=3"], 2, ["--no_such_flag"]
+
+
+def case_group_size_one(tmp_path, models, data):
+    return ["--group_size=1"], 2, ["--group_size"]
+
+
+def case_missing_text_column(tmp_path, models, data):
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps({"text": "a b c", "highlights": "a"})] * 3)
+    return [f"--train_file={train}"], 1, ["'article'", "'text'", "'highlights'"]
+
+
+def case_empty_train_file(tmp_path, models, data):
+    train = tmp_path / "train.jsonl"
+    train.write_text("")
+    return [f"--train_file={train}"], 1, [str(train), "empty"]
+
+
+def case_train_file_does_not_exist(tmp_path, models, data):
+    train = tmp_path / "nowhere" / "train.jsonl"
+    return [f"--train_file={train}"], 1, [str(train), "does not exist"]
+
+
+def case_invalid_json_line(tmp_path, models, data):
+    good = json.dumps({"article": "a b c", "highlights": "a"})
+    train = write_lines(tmp_path / "train.jsonl", [good, good, '{"article": "a b", "highlights": oops}', good])
+    return [f"--train_file={train}"], 1, [str(train), "line 3"]
+
+
+def case_number_article(tmp_path, models, data):
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps({"article": "a b c", "highlights": "a"}),
+                                                   json.dumps({"article": 42, "highlights": "a"})])
+    return [f"--train_file={train}"], 1, ["line 2", "'article'", "string"]
+
+
+def model_without_tokenizer(tmp_path, model_dir):
+    bare = tmp_path / "bare_model"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):  # the weights, no tokenizer files
+        shutil.copy(Path(model_dir) / name, bare / name)
+    return [f"--model_name={bare}"], 1, ["tokenizer", str(bare)]
+
+
+def case_bart_without_tokenizer(tmp_path, models, data):
+    return model_without_tokenizer(tmp_path, models["bart"])
+
+
+def case_t5_without_tokenizer(tmp_path, models, data):
+    return model_without_tokenizer(tmp_path, models["t5"])
+
+
+def case_encoder_only_model(tmp_path, models, data):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertModel(config).save_pretrained(bert)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a working tokenizer beside it
+        shutil.copy(Path(models["bart"]) / name, bert / name)
+    return [f"--model_name={bert}"], 1, ["encoder-decoder", "bert"]
+
+
+def case_unreachable_hub_model(tmp_path, models, data):
+    name = "no-such-org-7f3a/no-such-summarizer-7f3a"
+    return [f"--model_name={name}"], 1, [name, "HF_ENDPOINT"]
+
+
+def case_unwritable_output_dir(tmp_path, models, data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    return [f"--output_dir={blocker / 'run'}"], 1, ["--output_dir", str(blocker / "run")]
+
+
+BAD_INPUTS = [case_unknown_flag, case_group_size_one, case_missing_text_column, case_empty_train_file,
+              case_train_file_does_not_exist, case_invalid_json_line, case_number_article,
+              case_bart_without_tokenizer, case_t5_without_tokenizer, case_encoder_only_model, case_unreachable_hub_model,
+              case_unwritable_output_dir]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.__name__.removeprefix("case_") for c in BAD_INPUTS])
+def test_bad_input_gives_one_error_line(case, tiny_bart_dir, tiny_t5_dir, data_files, tmp_path):
+    bad_args, exit_code, must_mention = case(tmp_path, {"bart": tiny_bart_dir, "t5": tiny_t5_dir}, data_files)
+    # Later flags win, so each case's own flag replaces the good default given before it.
+    args = [f"--model_name={tiny_bart_dir}", *data_args(data_files), *SMALL_RUN, f"--output_dir={tmp_path / 'out'}",
+            *bad_args]
+    result = run_script(*args, cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    assert result.returncode == exit_code, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    for text in must_mention:
+        assert text in errors[0], f"{text!r} not in {errors[0]!r}"
