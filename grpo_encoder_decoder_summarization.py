@@ -940,7 +940,7 @@ class Rollout:
     completion_ids: torch.Tensor  # (B*G, T) the sampled tokens (decoder start token excluded)
     mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
     advantages: torch.Tensor  # (B*G,)
-    ref_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_ref (None when beta == 0)
+    ref_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_ref, filled in by grpo_step
     old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
 
 
@@ -1023,10 +1023,9 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
                                             rollout.decoder_input_ids[samples], config.group_size)
                     logprobs = token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples])
                     old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
-                    ref = rollout.ref_logprobs[samples] if rollout.ref_logprobs is not None else logprobs.detach()
-                    loss, stats = grpo_loss(logprobs, old, ref, rollout.advantages[samples], rollout.mask[samples],
-                                            config.epsilon, config.beta, config.epsilon_high, config.loss_type,
-                                            config.max_new_tokens)
+                    loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
+                                            rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
+                                            config.loss_type, config.max_new_tokens)
                     weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask)
                 with timer("time_backward"):
                     (loss * weight).backward()
@@ -1064,7 +1063,8 @@ def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, 
     numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
     numbers.setdefault("nonfinite_updates", 0.0)
     numbers["generated_tokens"] = float(rollout.mask.sum())
-    return {**numbers, **timer.seconds, "seconds": time.perf_counter() - started}
+    update_seconds = sum(timer.seconds[k] for k in ("time_forward", "time_backward", "time_optimizer"))
+    return {**numbers, **timer.seconds, "time_update": update_seconds, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1434,7 +1434,8 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
         numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
                             config, device)
         if step >= BENCHMARK_WARMUP_STEPS:
-            totals.update({k: v for k, v in numbers.items() if k.startswith("time_") or k in ("seconds", "generated_tokens")})
+            totals.update({k: v for k, v in numbers.items()  # time_update is the sum of forward, backward, optimizer
+                           if k.startswith("time_") and k != "time_update" or k in ("seconds", "generated_tokens")})
     seconds = totals.pop("seconds")
     result = {"device": str(device), "steps": config.max_steps, "batch_size": config.batch_size,
               "group_size": config.group_size, "max_new_tokens": config.max_new_tokens,

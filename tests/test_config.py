@@ -106,9 +106,7 @@ def test_parse_args_demo_applies_demo_config():
     assert config.demo is True
     for name, value in grpo.DEMO_CONFIG.items():
         assert getattr(config, name) == value, name
-    # a few of the demo values, written out
-    assert config.output_dir == "runs/demo" and config.sft_steps == 300 and config.max_steps == 120
-    assert config.micro_batch_size == 64 and config.lr_scheduler == "constant_with_warmup"
+    assert config.output_dir == "runs/demo" and config.sft_steps > 0  # the demo's own folder; SFT first
     # fields DEMO_CONFIG does not name keep their defaults
     assert config.loss_type == "grpo" and config.epsilon == 0.2
 
@@ -117,7 +115,8 @@ def test_parse_args_demo_keeps_flags_given_explicitly():
     config, given = grpo.parse_args(["--max_steps=7", "--demo", "--group_size=4", "--output_dir=/tmp/x"])
     assert given == {"demo", "max_steps", "group_size", "output_dir"}
     assert config.max_steps == 7 and config.group_size == 4 and config.output_dir == "/tmp/x"
-    assert config.sft_steps == 300 and config.batch_size == 8 and config.beta == 0.02  # the rest from DEMO_CONFIG
+    for name in ("sft_steps", "batch_size", "beta", "learning_rate"):  # the rest from DEMO_CONFIG
+        assert getattr(config, name) == grpo.DEMO_CONFIG[name], name
     # a flag given explicitly with its default value still wins over the demo value
     config, _ = grpo.parse_args(["--demo", "--beta=0.04"])
     assert config.beta == 0.04

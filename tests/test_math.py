@@ -357,3 +357,16 @@ def test_grpo_loss_gradient_only_through_masked_tokens(loss_type):
     assert torch.all(logp.grad[mask == 0] == 0)
     assert torch.all(torch.isfinite(logp.grad))
     assert (logp.grad[mask == 1] != 0).any()
+
+
+def test_dr_grpo_divides_by_the_constant_max_completion_length():
+    """With max_completion_length = L = 10 the hand case is -(ROW0 + ROW1) / (N * L) = -(3.043365 - 1.018186) / 20,
+    whatever the width T = 3 of the (trimmed) batch."""
+    logp, old, ref, adv, mask = hand_case()
+    loss, _ = grpo.grpo_loss(logp, old, ref, adv, mask, epsilon=0.2, beta=0.1, loss_type="dr_grpo",
+                             max_completion_length=10)
+    assert loss.item() == pytest.approx(-(3.043365 - 1.018186) / 20, abs=1e-6)
+    # the other loss types do not depend on it
+    for loss_type in ("grpo", "dapo", "gspo"):
+        with_length, _ = grpo.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.1, loss_type=loss_type, max_completion_length=10)
+        assert with_length.item() == pytest.approx(EXPECTED_LOSS[loss_type], abs=1e-9)

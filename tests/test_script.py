@@ -20,7 +20,8 @@ RUN_ARGS = ("--max_steps=3", "--batch_size=2", "--group_size=4", "--micro_batch_
             "--max_source_length=64", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--sft_batch_size=4",
             "--device=cpu")
 STEP_KEYS = {"step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length", "lr", "seconds",
-             "time_generate", "time_reward", "time_reference", "time_forward", "time_backward", "time_optimizer"}
+             "time_generate", "time_reward", "time_reference", "time_forward", "time_backward", "time_optimizer",
+             "time_update"}
 EVAL_KEYS = {"step", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length"}
 
 
@@ -333,6 +334,16 @@ def case_encoder_only_model(tmp_path, models, data):
     return [f"--model_name={bert}"], 1, ["encoder-decoder", "bert"]
 
 
+def case_decoder_only_model(tmp_path, models, data):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a working tokenizer beside it
+        shutil.copy(Path(models["bart"]) / name, gpt2 / name)
+    return [f"--model_name={gpt2}"], 1, ["encoder-decoder", "gpt2"]
+
+
 def case_unreachable_hub_model(tmp_path, models, data):
     name = "no-such-org-7f3a/no-such-summarizer-7f3a"
     return [f"--model_name={name}"], 1, [name, "HF_ENDPOINT"]
@@ -346,7 +357,8 @@ def case_unwritable_output_dir(tmp_path, models, data):
 
 BAD_INPUTS = [case_unknown_flag, case_group_size_one, case_missing_text_column, case_empty_train_file,
               case_train_file_does_not_exist, case_invalid_json_line, case_number_article,
-              case_bart_without_tokenizer, case_t5_without_tokenizer, case_encoder_only_model, case_unreachable_hub_model,
+              case_bart_without_tokenizer, case_t5_without_tokenizer, case_encoder_only_model, case_decoder_only_model,
+              case_unreachable_hub_model,
               case_unwritable_output_dir]
 
 
