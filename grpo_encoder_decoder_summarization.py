@@ -53,6 +53,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+if typing.TYPE_CHECKING:  # for annotations only: datasets is imported where data is loaded
+    import datasets
+
 
 # --------------------------------------------------------------------------------------------------
 # Configuration: every field is a command-line flag, --name=value

@@ -7,6 +7,7 @@ BART with a word-level tokenizer trained on the script's own synthetic corpus, a
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,24 @@ def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float 
     """Run the script in a fresh interpreter, offline, capturing stdout and stderr as text."""
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env or subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a .jsonl file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def check_ok(result) -> None:
+    """A finished run exited 0 without a traceback (the output is shown when it did not)."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def data_args(data_files) -> tuple[str, str]:
+    """--train_file and --validation_file flags for the data_files fixture."""
+    train, validation = data_files
+    return f"--train_file={train}", f"--validation_file={validation}"
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_script
+from conftest import read_jsonl, run_script
 
 SHORT_DEMO = ["--demo", "--sft_steps=15", "--sft_batch_size=8", "--max_steps=3", "--batch_size=2", "--group_size=4",
               "--micro_batch_size=8", "--eval_every=2", "--eval_samples=6", "--save_every=2", "--max_new_tokens=12"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):

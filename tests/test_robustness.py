@@ -20,26 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPT, run_script, subprocess_env
+from conftest import SCRIPT, check_ok, data_args, read_jsonl, run_script, subprocess_env
 
 TINY = ("--batch_size=2", "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--max_source_length=64",
         "--eval_samples=4", "--device=cpu")
 POLL_DEADLINE = 240.0  # seconds; a shared CPU can be slow, and a healthy run never gets near this
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
-
-
-def check_ok(result) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-
-
-def data_args(data_files) -> tuple[str, str]:
-    train, validation = data_files
-    return f"--train_file={train}", f"--validation_file={validation}"
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
@@ -274,6 +259,16 @@ def good_rows(data_files, count: int) -> list[dict]:
     return read_jsonl(data_files[0])[:count]
 
 
+def tiny_policy_and_batch(grpo, model_dir, data_files, max_new_tokens: int):
+    """(config, policy in eval mode, tokenizer, a batch of 2 articles) for in-process rollouts, G = 4."""
+    rows = good_rows(data_files, 2)
+    batch = {"article": [r["article"] for r in rows], "highlights": [r["highlights"] for r in rows]}
+    config = grpo.Config(model_name=str(model_dir), group_size=4, batch_size=2, max_new_tokens=max_new_tokens,
+                         max_source_length=64, device="cpu")
+    policy, tokenizer = grpo.load_policy_and_tokenizer(config, torch.device("cpu"))
+    return config, policy.eval(), tokenizer, batch
+
+
 def skipped_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if re.search(r"skipped \d+ of \d+ rows", line)]
 
@@ -342,12 +337,7 @@ def test_csv_train_file(tiny_bart_dir, data_files, tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_mask_truncated_completions(grpo, tiny_bart_dir, data_files):
     device = torch.device("cpu")
-    rows = good_rows(data_files, 2)
-    batch = {"article": [r["article"] for r in rows], "highlights": [r["highlights"] for r in rows]}
-    base = grpo.Config(model_name=str(tiny_bart_dir), group_size=4, batch_size=2, max_new_tokens=2,
-                       max_source_length=64, device="cpu")
-    policy, tokenizer = grpo.load_policy_and_tokenizer(base, device)
-    policy.eval()
+    base, policy, tokenizer, batch = tiny_policy_and_batch(grpo, tiny_bart_dir, data_files, max_new_tokens=2)
     results = {}
     for flag in (True, False):
         config = grpo.Config(**{**vars(base), "mask_truncated_completions": flag})
@@ -378,12 +368,7 @@ def test_sampling_ignores_the_checkpoints_generation_defaults(grpo, tiny_bart_di
     from transformers import GenerationConfig
 
     device = torch.device("cpu")
-    rows = good_rows(data_files, 2)
-    batch = {"article": [r["article"] for r in rows], "highlights": [r["highlights"] for r in rows]}
-    config = grpo.Config(model_name=str(tiny_bart_dir), group_size=4, batch_size=2, max_new_tokens=8,
-                         max_source_length=64, device="cpu")
-    policy, tokenizer = grpo.load_policy_and_tokenizer(config, device)
-    policy.eval()
+    config, policy, tokenizer, batch = tiny_policy_and_batch(grpo, tiny_bart_dir, data_files, max_new_tokens=8)
     ids = dict(decoder_start_token_id=policy.config.decoder_start_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     samples = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import check_ok, data_args, read_jsonl, run_script
 
 # Small but complete runs: 2 articles x 4 samples per step, 8 new tokens.
 RUN_ARGS = ("--max_steps=3", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
@@ -23,21 +23,6 @@ STEP_KEYS = {"step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction",
              "time_generate", "time_reward", "time_reference", "time_forward", "time_backward", "time_optimizer",
              "time_update"}
 EVAL_KEYS = {"step", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
-
-
-def check_ok(result) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-
-
-def data_args(data_files) -> tuple[str, str]:
-    train, validation = data_files
-    return f"--train_file={train}", f"--validation_file={validation}"
 
 
 # --------------------------------------------------------------------------------------------------
