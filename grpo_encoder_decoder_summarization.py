@@ -115,7 +115,7 @@ class Config:
     output_dir: str = "runs/grpo"  # metrics, evaluations, checkpoints and the final model go here
     seed: int = 0  # seeds data order, sampling and initialization
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time (dropout 0)
     compile: bool = False  # torch.compile the scoring forward pass (CUDA)
     resume: bool = False  # continue from the latest checkpoint in output_dir
     demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
@@ -850,8 +850,13 @@ def load_policy_and_tokenizer(config: Config, device: torch.device):
     except Exception as error:
         raise UserError(f"could not load a tokenizer for {name!r} ({str(error).splitlines()[0]}); "
                         "save one beside the model with tokenizer.save_pretrained") from None
+    if config.gradient_checkpointing:  # transformers checkpoints only in train mode: dropout goes to 0 instead
+        for key, value in model_config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(model_config, key, 0.0)
     try:
-        policy = AutoModelForSeq2SeqLM.from_pretrained(name, trust_remote_code=remote, dtype=torch.float32)
+        policy = AutoModelForSeq2SeqLM.from_pretrained(name, config=model_config, trust_remote_code=remote,
+                                                       dtype=torch.float32)
     except Exception as error:
         raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:  # transformers 5 builds an empty one from the config
@@ -860,6 +865,20 @@ def load_policy_and_tokenizer(config: Config, device: torch.device):
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of {name!r} needs a pad and an eos token")
     return policy.to(device), tokenizer
+
+
+def set_grpo_mode(policy, config: Config) -> None:
+    """Dropout off for GRPO, so that the rollout and the update score the same function (ratio = 1 at first).
+
+    That is eval mode, except with gradient checkpointing, which transformers applies only in train mode:
+    then the model was loaded with every dropout probability set to 0 and stays in train mode.
+    """
+    if config.gradient_checkpointing:  # transformers 5 name first, then the transformers 4 one
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable()
+        policy.train()
+    else:
+        policy.eval()
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -1097,7 +1116,7 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
-    policy.eval()
+    set_grpo_mode(policy, config)
     log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
 
 
@@ -1424,7 +1443,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     torch.manual_seed(config.seed)
     train_rows, _ = load_data(config, log)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
-    policy.eval()
+    set_grpo_mode(policy, config)
     reference_forward = GroupedSeq2Seq(frozen_copy(policy))
     policy_forward = torch.compile(GroupedSeq2Seq(policy)) if config.compile else GroupedSeq2Seq(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)
@@ -1523,9 +1542,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
     train_rows, held_out = load_data(config, log)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
-    policy.eval()  # dropout off for GRPO: rollout and update score the same function, so ratio = 1 at first
-    if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    set_grpo_mode(policy, config)
     policy_forward = GroupedSeq2Seq(policy)
     if config.compile:
         policy_forward = torch.compile(policy_forward)

@@ -130,7 +130,7 @@ def build_in_process(grpo, model_dir, data_files, **overrides):
     train_rows, held_out = grpo.load_data(config, log=lambda message: None)
     assert len(train_rows) == 40 and len(held_out) == 4
     policy, tokenizer = grpo.load_policy_and_tokenizer(config, device)
-    policy.eval()
+    grpo.set_grpo_mode(policy, config)
     reference = grpo.frozen_copy(policy)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps,
@@ -242,6 +242,39 @@ def test_update_reaches_encoder_and_decoder(grpo, model, tiny_bart_dir, tiny_t5_
     for name, parameter in reference.named_parameters():  # pi_ref stays frozen
         assert parameter.grad is None and not parameter.requires_grad, name
 
+
+
+@pytest.mark.parametrize("model", ["bart", "t5"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(grpo, model, tiny_bart_dir, tiny_t5_dir,
+                                                                         data_files):
+    """With --gradient_checkpointing each decoder layer runs again in backward (transformers checkpoints only in
+    train mode, so dropout is set to 0 instead of eval()); the gradients equal those of a plain run."""
+    model_dir = {"bart": tiny_bart_dir, "t5": tiny_t5_dir}[model]
+    gradients, layer_calls = {}, {}
+    for checkpointing in (False, True):
+        config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+            grpo, model_dir, data_files, num_iterations=1, gradient_checkpointing=checkpointing)
+        assert policy.training == checkpointing
+        torch.manual_seed(0)
+        rollout, _ = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
+        rollout.ref_logprobs = grpo.sequence_logprobs_no_grad(grpo.GroupedSeq2Seq(reference), rollout, config, device)
+        rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * config.batch_size)
+        # a module inside the first decoder layer (transformers checkpoints a layer's forward, so the layer's own
+        # hooks stay outside the recompute, while the modules it calls run again)
+        inner = policy.get_decoder().layers[0].self_attn if model == "bart" else policy.get_decoder().block[0].layer[0]
+        calls = []
+        handle = inner.register_forward_hook(lambda module, inputs, output: calls.append(1))
+        for group in optimizer.param_groups:  # keep the weights: compare the gradients of the same parameters
+            group["lr"] = 0.0
+        grpo.grpo_update(grpo.GroupedSeq2Seq(policy), optimizer, scheduler, rollout, config, device,
+                         grpo.PhaseTimer(device))
+        handle.remove()
+        layer_calls[checkpointing] = len(calls)
+        gradients[checkpointing] = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+    assert layer_calls == {False: 1, True: 2}  # one micro-batch: forward, plus the recompute in backward
+    assert len(gradients[True]) == len(gradients[False]) > 0
+    for with_checkpointing, without in zip(gradients[True], gradients[False]):
+        torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-6)
 
 # --------------------------------------------------------------------------------------------------
 # 4. Bad input: a non-zero exit and one "error:" line on stderr, never a traceback
