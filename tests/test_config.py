@@ -181,3 +181,18 @@ def test_main_wrong_type_returns_2(capsys):
     assert grpo.main(["--group_size=abc"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_readme_lists_every_flag_with_its_default_and_comment():
+    """README's configuration table is the Config dataclass: every field, its default and its one-line comment."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    source = (root / "grpo_encoder_decoder_summarization.py").read_text(encoding="utf-8")
+    block = source[source.index("class Config:"):source.index("# The offline demo changes")]
+    fields = re.findall(r"^    (\w+): [^=]+ = (.+?)  # (.*)$", block, re.M)
+    assert len(fields) == len(grpo.dataclasses.fields(grpo.Config))  # every field has a one-line comment
+    for name, default, comment in fields:
+        assert f"| `--{name}` | `{default}` | {comment} |" in readme, name
