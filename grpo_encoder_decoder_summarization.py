@@ -519,11 +519,12 @@ def build_demo_model(directory: str, tokenizer, seed: int) -> None:
 
 
 def prepare_demo(config: Config, dist: "Distributed", log, given: set[str] = frozenset()) -> Config:
-    """Write the synthetic splits and the tiny model into output_dir/demo (once), and point the config at them
-    (except where --model_name, --train_file or --validation_file were given)."""
+    """Write the synthetic splits and the tiny model into output_dir/demo (a resumed run keeps them), and point
+    the config at them (except where --model_name, --train_file or --validation_file were given)."""
     directory = os.path.join(config.output_dir, "demo")
     model_dir = os.path.join(directory, "model")
-    if dist.is_main and not os.path.exists(os.path.join(model_dir, "config.json")):
+    resuming = config.resume and os.path.exists(os.path.join(model_dir, "config.json"))
+    if dist.is_main and not resuming:  # a fresh run writes them anew, so they always follow its seed
         log(f"demo: writing synthetic articles and a tiny BART to {directory}")
         train_file, _ = write_demo_splits(directory, DEMO_TRAIN_ARTICLES, config.eval_samples, config.seed)
         with open(train_file, encoding="utf-8") as file:
