@@ -1574,7 +1574,8 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
         for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
-            keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
+            if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
+                keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
         log(f"resumed from {checkpoints[-1]} at step {state.step}")
     else:
         record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
