@@ -1597,14 +1597,15 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
             state.step = step
             state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
             state.nonfinite_total += skipped
-            state.articles_truncated += int(numbers["articles_truncated"])
             if skipped:
                 log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped "
                     f"({state.nonfinite_in_a_row} in a row)")
             numbers["articles"] = float(len(rows[config.text_column]))
-            metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0],
-                       "nonfinite_steps": state.nonfinite_total, "articles_truncated": state.articles_truncated}
-            metrics["articles"] *= dist.world_size  # articles seen by all processes together this step
+            metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0]}
+            for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
+                metrics[count] = round(metrics[count] * dist.world_size)
+            state.articles_truncated += metrics["articles_truncated"]
+            metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
             if dist.is_main:
                 append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
             progress.update(1)
