@@ -1015,9 +1015,9 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
         mask = mask * (~truncated).unsqueeze(1)
     rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
                       mask, advantages)
-    grouped = rewards.view(-1, config.group_size)  # (B, G)
+    zero_std_groups = (advantages.view(-1, config.group_size) == 0).all(dim=1)  # (B,): all G rewards equal
     stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-             "reward_max": rewards.max().item(), "zero_std_groups": (grouped == grouped[:, :1]).all(dim=1).float().mean().item(),
+             "reward_max": rewards.max().item(), "zero_std_groups": zero_std_groups.float().mean().item(),
              "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
              "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
     return rollout, stats
@@ -1573,8 +1573,8 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     state = TrainerState()
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
-        for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
-            if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
+        if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
+            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
                 keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
         log(f"resumed from {checkpoints[-1]} at step {state.step}")
     else:

@@ -393,3 +393,13 @@ def test_bad_input_gives_one_error_line(case, tiny_bart_dir, tiny_t5_dir, data_f
     assert result.returncode == exit_code, f"exit {result.returncode}, stderr:\n{result.stderr}"
     for text in must_mention:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+
+
+def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_bart_dir, data_files, monkeypatch):
+    config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+        grpo, tiny_bart_dir, data_files, num_iterations=1)
+    for rewards, expected in (([0.3] * 4, 1.0), ([0.1, 0.2, 0.3, 0.4], 0.0)):
+        monkeypatch.setattr(grpo, "rouge_rewards", lambda p, r, w=None, values=rewards: values * config.batch_size)
+        rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
+        assert stats["zero_std_groups"] == expected
+        assert bool((rollout.advantages == 0).all()) == (expected == 1.0)
