@@ -58,7 +58,7 @@ if typing.TYPE_CHECKING:  # for annotations only: datasets is imported where dat
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration: every field is a command-line flag, --name=value
+# Configuration: every field is a command-line flag, --name=value (python ... --help lists them)
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -135,6 +135,586 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
+# --------------------------------------------------------------------------------------------------
+# GRPO step 1/4, the math: advantages, masks, log-probs and the loss (pure tensor functions)
+# --------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps), over each group of G contiguous samples.
+
+    std is the population std (divides by G). A group whose rewards are all equal gets A = 0.
+    With scale=False (Dr. GRPO) the advantage is only r_i - mean_g r.
+    """
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
+    if scale:
+        centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1): the float mean can be 1 ulp off
+    return centered.masked_fill(all_equal, 0.0).reshape(-1)  # (B*G,)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask[i, t] = 1 for the tokens of sample i up to and including its first EOS, 0 after it.
+
+    completion_ids excludes the decoder start token, so the mask is right whatever that token is
+    (eos for BART, pad for T5) and also when pad == eos. A sample without EOS keeps all its tokens.
+    Returns (mask (N, T) float, truncated (N,) bool: the sample has no EOS).
+    """
+    is_eos = completion_ids == eos_token_id  # (N, T)
+    has_eos = is_eos.any(dim=1)  # (N,)
+    length = completion_ids.size(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
+    positions = torch.arange(length, device=completion_ids.device)  # (T,)
+    return (positions[None, :] <= first_eos[:, None]).float(), ~has_eos
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position, as the gathered logit minus logsumexp, one sequence at a time.
+
+    logits (N, T, V), tokens (N, T) -> (N, T). Exact, without a full (N, T, V) log_softmax copy: the
+    logsumexp of one (T, V) row at a time keeps temporaries small (about 2x faster on CPU at V = 50k).
+    """
+    chosen = logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return chosen - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (N, T)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    beta: float,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient loss with a KL penalty. Tensors (N, T) with N = B*G, advantages (N,), mask 0/1.
+
+    Per token: ratio = exp(logprobs - old_logprobs)
+               objective = min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) - beta * kl
+               kl = exp(ref - logp) - (ref - logp) - 1            (k3 estimator, >= 0)
+    loss_type  grpo:    -(mean over sequences of (sum of masked objective / that sequence's token count))
+               dapo:    -(sum of masked objective over all tokens) / (total token count)
+               dr_grpo: -(sum of masked objective) / (N * L), L = max_completion_length (default T): a
+                        constant, so no sequence length enters the gradient's scale
+               gspo:    as grpo, but the ratio is the sequence's exp(mean masked log-ratio), clipped per
+                        sequence (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
+    Returns (loss, stats) with stats kl (mean over masked tokens) and clip_fraction (share of masked tokens
+    whose ratio was clipped in the direction that stops the gradient).
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logprobs.dtype)
+    tokens_per_sequence = mask.sum(dim=1).clamp(min=1)  # (N,)
+    log_ratio = logprobs - old_logprobs  # (N, T)
+    if loss_type == "gspo":
+        log_ratio = ((log_ratio * mask).sum(dim=1) / tokens_per_sequence).unsqueeze(1)  # (N, 1)
+    ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) for gspo
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    A = advantages.unsqueeze(1)  # (N, 1)
+    policy_objective = torch.min(ratio * A, clipped_ratio * A)  # (N, T) or (N, 1)
+    log_ref_ratio = ref_logprobs - logprobs  # (N, T)
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (N, T)
+    objective = (policy_objective - beta * kl) * mask  # (N, T)
+    if loss_type in ("grpo", "gspo"):
+        loss = -(objective.sum(dim=1) / tokens_per_sequence).mean()
+    elif loss_type == "dapo":
+        loss = -objective.sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = -objective.sum() / (mask.size(0) * (max_completion_length or mask.size(1)))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    with torch.no_grad():
+        clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))  # (N, T) or (N, 1)
+        token_count = mask.sum().clamp(min=1)
+        stats = {"kl": (kl * mask).sum() / token_count, "clip_fraction": (clipped * mask).sum() / token_count}
+    return loss, stats
+
+
+def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
+    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss."""
+    if loss_type == "dapo":
+        return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
+    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same N * L
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO step 2/4, the rollout: G samples per article (our sampler), their rewards and advantages
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, S) articles
+    attention_mask: torch.Tensor  # (B, S)
+    decoder_input_ids: torch.Tensor  # (B*G, T) decoder start token + sampled tokens, shifted right
+    completion_ids: torch.Tensor  # (B*G, T) the sampled tokens (decoder start token excluded)
+    mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
+    advantages: torch.Tensor  # (B*G,)
+    ref_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_ref, filled in by grpo_step
+    old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
+
+
+@torch.no_grad()
+def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
+    """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
+    encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
+    with timer("time_generate"), autocast(device):
+        sequences = generate(policy, encoded, generation_settings(policy, tokenizer, config, sample=True))
+    completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
+    mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
+    length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
+    completion_ids, mask = completion_ids[:, :length], mask[:, :length]
+    with timer("time_reward"):
+        lengths = mask.sum(dim=1).long().tolist()
+        summaries = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
+                                           skip_special_tokens=True)
+        references = [ref for ref in batch_rows[config.summary_column] for _ in range(config.group_size)]
+        rewards = torch.tensor(rouge_rewards(summaries, references, reward_weights(config)), device=device)
+        advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards)
+    if config.mask_truncated_completions:
+        mask = mask * (~truncated).unsqueeze(1)
+    rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
+                      mask, advantages)
+    zero_std_groups = (advantages.view(-1, config.group_size) == 0).all(dim=1)  # (B,): all G rewards equal
+    stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+             "reward_max": rewards.max().item(), "zero_std_groups": zero_std_groups.float().mean().item(),
+             "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
+             "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
+    return rollout, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO step 3/4, the update: mu optimizer steps on one rollout
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sequence_logprobs_no_grad(forward, rollout: Rollout, config: Config, device: torch.device) -> torch.Tensor:
+    """Per-token log-probs (B*G, T) of the rollout's samples under a model, micro-batched, no gradients."""
+    chunks = []
+    for articles, samples in micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size):
+        with autocast(device):
+            logits = forward(rollout.input_ids[articles], rollout.attention_mask[articles],
+                             rollout.decoder_input_ids[samples], config.group_size)
+        chunks.append(token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples]))
+    return torch.cat(chunks)
+
+
+def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: Config, device, timer) -> dict:
+    """Run num_iterations (mu) AdamW steps on one rollout. Returns averaged loss statistics.
+
+    A step whose loss or gradient norm is not finite is skipped (no parameter change) and reported.
+    """
+    parameters = [p for p in policy_forward.parameters() if p.requires_grad]
+    totals = Counter()
+    token_total = rollout.mask.sum().clamp(min=1).item()
+    for _ in range(config.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
+        for index, (articles, samples) in enumerate(groups):
+            sync = index == len(groups) - 1 or not hasattr(policy_forward, "no_sync")
+            with (contextlib.nullcontext() if sync else policy_forward.no_sync()):
+                with timer("time_forward"), autocast(device):
+                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
+                                            rollout.decoder_input_ids[samples], config.group_size)
+                    logprobs = token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples])
+                    old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
+                    loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
+                                            rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
+                                            config.loss_type, config.max_new_tokens)
+                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask)
+                with timer("time_backward"):
+                    (loss * weight).backward()
+            step_loss += loss.item() * weight
+            tokens = rollout.mask[samples].sum().item()
+            totals["kl"] += stats["kl"].item() * tokens / token_total / config.num_iterations
+            totals["clip_fraction"] += stats["clip_fraction"].item() * tokens / token_total / config.num_iterations
+        with timer("time_optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+            else:
+                totals["nonfinite_updates"] += 1
+                optimizer.zero_grad(set_to_none=True)
+        totals["loss"] += step_loss / config.num_iterations
+        totals["grad_norm"] += grad_norm / config.num_iterations
+    return dict(totals)
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO step 4/4: rollout, reference (and old) log-probs, update
+# --------------------------------------------------------------------------------------------------
+def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, optimizer, scheduler,
+              config: Config, device) -> dict[str, float]:
+    """One GRPO step on a batch of articles: rollout and rewards, reference (and old) log-probs, mu updates.
+
+    Returns this process's numbers for metrics.jsonl, including the seconds spent in each phase.
+    """
+    timer, started = PhaseTimer(device), time.perf_counter()
+    rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
+    with timer("time_reference"):
+        rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
+    if config.num_iterations > 1:  # pi_old = the policy as it sampled; with mu = 1 the ratio is exactly 1
+        with timer("time_old"):
+            rollout.old_logprobs = sequence_logprobs_no_grad(GroupedSeq2Seq(policy), rollout, config, device)
+    update_stats = grpo_update(policy_forward, optimizer, scheduler, rollout, config, device, timer)
+    numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
+    numbers.setdefault("nonfinite_updates", 0.0)
+    numbers["generated_tokens"] = float(rollout.mask.sum())
+    update_seconds = sum(timer.seconds[k] for k in ("time_forward", "time_backward", "time_optimizer"))
+    return {**numbers, **timer.seconds, "time_update": update_seconds, "seconds": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model glue: policy, reference, LoRA, an encoder-once forward, generation settings
+# --------------------------------------------------------------------------------------------------
+def load_policy_and_tokenizer(config: Config, device: torch.device):
+    """The policy (fp32 master weights) and its tokenizer, with one clear line when either cannot be loaded."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    name, remote = config.model_name, config.trust_remote_code
+    hint = "pass --model_name=/path/to/local/model, or set HF_ENDPOINT to a reachable mirror"
+    try:
+        model_config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
+    except Exception as error:
+        raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
+    if not getattr(model_config, "is_encoder_decoder", False):
+        raise UserError(f"model {name!r} is a {model_config.model_type} model without a decoder/encoder pair; "
+                        "this script needs an encoder-decoder (BART, T5, Pegasus, ...)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+    except Exception as error:
+        raise UserError(f"could not load a tokenizer for {name!r} ({str(error).splitlines()[0]}); "
+                        "save one beside the model with tokenizer.save_pretrained") from None
+    if config.gradient_checkpointing:  # transformers checkpoints only in train mode: dropout goes to 0 instead
+        for key, value in model_config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(model_config, key, 0.0)
+    try:
+        policy = AutoModelForSeq2SeqLM.from_pretrained(name, config=model_config, trust_remote_code=remote,
+                                                       dtype=torch.float32)
+    except Exception as error:
+        raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:  # transformers 5 builds an empty one from the config
+        raise UserError(f"found no tokenizer files for {name!r} (its tokenizer would hold only special tokens); "
+                        "save one beside the model with tokenizer.save_pretrained")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of {name!r} needs a pad and an eos token")
+    return policy.to(device), tokenizer
+
+
+def set_grpo_mode(policy, config: Config) -> None:
+    """Dropout off for GRPO, so that the rollout and the update score the same function (ratio = 1 at first).
+
+    That is eval mode, except with gradient checkpointing, which transformers applies only in train mode:
+    then the model was loaded with every dropout probability set to 0 and stays in train mode.
+    """
+    if config.gradient_checkpointing:  # transformers 5 name first, then the transformers 4 one
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable()
+        policy.train()
+    else:
+        policy.eval()
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model in eval mode with no gradients: the reference pi_ref."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class GroupedSeq2Seq(torch.nn.Module):
+    """Teacher-forced forward of an encoder-decoder where each article has `group_size` decoder rows.
+
+    The encoder runs once per article; its output is repeated to the G samples, so gradients from all G
+    reach the encoder through that single pass. Wrapping this module (not the bare model) in DDP keeps
+    every scoring pass a normal DDP forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, group_size: int) -> torch.Tensor:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
+            attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
+            decoder_input_ids=decoder_input_ids, use_cache=False,
+        )
+        return outputs.logits  # (B*G, T, V)
+
+
+def generation_settings(model, tokenizer, config: Config, sample: bool):
+    """A GenerationConfig for rollouts (G samples, plain temperature/top-p) or greedy evaluation.
+
+    Built from scratch (and used through generate(), which sets the checkpoint's own generation_config aside)
+    so that a checkpoint's defaults (beams, no_repeat_ngram_size, min_length, forced EOS, top_k) cannot change
+    the distribution we sample from and then score.
+    """
+    from transformers import GenerationConfig
+
+    forced_bos = getattr(model.generation_config, "forced_bos_token_id", None)
+    settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=model.config.decoder_start_token_id,
+                    forced_bos_token_id=forced_bos)
+    if sample:
+        settings.update(do_sample=True, num_return_sequences=config.group_size, temperature=config.temperature,
+                        top_p=config.top_p, top_k=0)
+    else:
+        settings.update(do_sample=False)
+    return GenerationConfig(**settings)
+
+
+@torch.no_grad()
+def generate(model, encoded: dict, settings) -> torch.Tensor:
+    """model.generate with exactly `settings`.
+
+    transformers fills every field left at its default from model.generation_config, so a checkpoint's
+    min_length, no_repeat_ngram_size or forced_eos_token_id would silently change what we sample (and then
+    score as if sampled). The model's own generation_config is set aside for the call.
+    """
+    saved, model.generation_config = model.generation_config, settings
+    try:
+        return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                              generation_config=settings)
+    finally:
+        model.generation_config = saved
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
+    """(article slice, sample slice) pairs of whole groups, micro_batch_size samples at most each."""
+    articles_per_micro_batch = max(1, micro_batch_size // group_size)
+    for start in range(0, num_articles, articles_per_micro_batch):
+        stop = min(start + articles_per_micro_batch, num_articles)
+        yield slice(start, stop), slice(start * group_size, stop * group_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# THE REWARD: edit compute_rewards to change what GRPO optimizes (e.g. add a length penalty)
+# --------------------------------------------------------------------------------------------------
+def reward_weights(config: Config) -> dict[str, float]:
+    """The reward's ROUGE weights from the config, normalized to sum to 1."""
+    weights = {key: getattr(config, f"{key}_weight") for key in ROUGE_KEYS}
+    total = sum(weights.values())
+    return {key: weight / total for key, weight in weights.items()}
+
+
+def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
+    """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
+    weights = weights or reward_weights(Config())
+    scores = rouge_f1(predictions, references)
+    return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
+
+
+# --------------------------------------------------------------------------------------------------
+# SFT warm-up: teacher-forced cross-entropy on the reference summaries
+# --------------------------------------------------------------------------------------------------
+def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log) -> None:
+    """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate)
+    scheduler = get_scheduler("linear", optimizer, min(config.warmup_steps, config.sft_steps), config.sft_steps)
+    policy.train()
+    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
+    for step in progress:
+        rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
+        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
+        labels = tokenizer(text_target=rows[config.summary_column], max_length=config.max_new_tokens,
+                           truncation=True, padding=True, return_tensors="pt")["input_ids"].to(device)
+        labels[labels == tokenizer.pad_token_id] = -100  # padding only: targets start after the decoder start token
+        decoder_input_ids = policy.prepare_decoder_input_ids_from_labels(labels=labels)
+        with autocast(device):
+            logits = policy_forward(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, 1)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    set_grpo_mode(policy, config)
+    log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: greedy (or the checkpoint's own) decoding on held-out articles, ROUGE F1 with 95% CIs
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict]]:
+    """Greedy summaries of the held-out articles (split across processes), scored with ROUGE F1.
+
+    Returns (metrics with rouge1, rouge2, rougeL, rougeLsum, gen_length and ref_length in words, examples).
+    """
+    settings = generation_settings(policy, tokenizer, config, sample=False)
+    mine = list(range(dist.rank, len(held_out), dist.world_size))
+    predictions = []
+    for start in range(0, len(mine), config.eval_batch_size):
+        rows = held_out[mine[start:start + config.eval_batch_size]]
+        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
+        with autocast(device):
+            output = generate(policy, encoded, settings)
+        predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
+    predictions = dist.gather_in_order(list(zip(mine, predictions)))
+    articles, references = held_out[config.text_column], held_out[config.summary_column]
+    scores = rouge_f1(predictions, references)
+    metrics = {key: float(np.mean(values)) for key, values in scores.items()}
+    metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
+    metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
+    metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
+    examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
+                for i in range(min(config.num_examples, len(predictions)))]
+    return metrics, examples
+
+
+# --------------------------------------------------------------------------------------------------
+# The main loop: build the run, then batch -> grpo_step -> log -> evaluate/save
+# --------------------------------------------------------------------------------------------------
+def train(config: Config, given: set[str] = frozenset()) -> int:
+    """The whole run. Returns the exit code (0, or 130 after Ctrl-C with a checkpoint saved)."""
+    import transformers
+    from transformers import get_scheduler
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    dist = setup_distributed(config)
+    device = dist.device
+    from tqdm import tqdm
+
+    def log(message: str) -> None:
+        if dist.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+    if dist.is_main:
+        prepare_output_dir(config, log)
+    dist.barrier()
+    if config.demo or config.benchmark:
+        config = prepare_demo(config, dist, log, given)
+    if config.benchmark:
+        return run_benchmark(config, dist, log)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed + dist.rank)  # different samples on every process
+    train_rows, held_out = load_data(config, log)
+    policy, tokenizer = load_policy_and_tokenizer(config, device)
+    set_grpo_mode(policy, config)
+    policy_forward = GroupedSeq2Seq(policy)
+    if config.compile:
+        policy_forward = torch.compile(policy_forward)
+    if dist.world_size > 1:
+        policy_forward = torch.nn.parallel.DistributedDataParallel(
+            policy_forward, device_ids=[device.index] if device.type == "cuda" else None)
+    reference_dir = os.path.join(config.output_dir, "reference")
+    checkpoints = checkpoint_files(config.output_dir) if config.resume else []
+    if config.resume and not checkpoints:
+        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint")
+    if not checkpoints and config.sft_steps > 0:
+        sft_warmup(policy_forward, policy, tokenizer, train_rows, config, device, dist, log)
+        if dist.is_main:
+            save_pretrained_atomic(policy, tokenizer, reference_dir)  # pi_ref for a resumed run
+    if checkpoints and os.path.isdir(reference_dir):
+        from transformers import AutoModelForSeq2SeqLM
+
+        reference = frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(
+            reference_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code).to(device))
+    else:
+        reference = frozen_copy(policy)  # pi_ref: the policy as GRPO starts (after SFT, if any)
+    reference_forward = GroupedSeq2Seq(reference)
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
+    state = TrainerState()
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
+        if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
+            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
+                keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
+        log(f"resumed from {checkpoints[-1]} at step {state.step}")
+    else:
+        record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
+
+    def checkpoint() -> None:
+        rng_states = dist.gather_in_order([(dist.rank, rng_state())])
+        if dist.is_main:
+            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints)
+
+    stop = StopRequest(log)
+    progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=state.step)
+    try:
+        for step in range(state.step + 1, config.max_steps + 1):
+            rows = train_rows[batch_indices(step - 1, config.batch_size, len(train_rows), config.seed,
+                                            dist.rank, dist.world_size)]
+            numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
+                                config, device)
+            skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
+            state.step = step
+            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+            state.nonfinite_total += skipped
+            if skipped:
+                log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped "
+                    f"({state.nonfinite_in_a_row} in a row)")
+            numbers["articles"] = float(len(rows[config.text_column]))
+            metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0]}
+            for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
+                metrics[count] = round(metrics[count] * dist.world_size)
+            state.articles_truncated += metrics["articles_truncated"]
+            metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
+            if dist.is_main:
+                append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+            if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+                raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
+                                "try a lower --learning_rate or --max_grad_norm")
+            if step % config.eval_every == 0 or step == config.max_steps:
+                record_evaluation(config, dist, step, policy, tokenizer, held_out, state, log)
+            interrupted = dist.any(stop.requested)
+            if step % config.save_every == 0 or step == config.max_steps or interrupted:
+                checkpoint()
+            if interrupted:
+                progress.close()
+                log(f"stopped at step {step}; checkpoint saved. Continue with: python {sys.argv[0]} "
+                    f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
+                return 130
+    finally:
+        stop.restore()
+        progress.close()
+    if dist.world_size > 1:  # DDP keeps the copies identical; say so, or fail loudly if they drifted apart
+        checksums = dist.gather_in_order([(dist.rank, sum(p.double().sum().item() for p in policy.parameters()))])
+        if len(set(checksums)) > 1:
+            raise UserError(f"the {dist.world_size} processes ended with different weights: checksums {checksums}")
+        log(f"weights identical on all {dist.world_size} processes (checksum {checksums[0]!r})")
+    if dist.is_main:
+        save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "final"))
+        plot_curves(config.output_dir)
+        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
+    if config.demo and dist.is_main:
+        report_demo(config)
+    return 0
+
+
+# ==================================================================================================
+# PLUMBING: everything below serves the algorithm above (flags, data files, checkpoint files,
+# processes, ROUGE internals, the demo world, the benchmark). A first reading can stop here.
+# ==================================================================================================
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags: parsing and validation
+# --------------------------------------------------------------------------------------------------
 class UserError(Exception):
     """A problem the user can fix (bad data, unreachable hub, ...): one line on stderr, exit code 1."""
 
@@ -334,8 +914,423 @@ def tokenize_articles(tokenizer, articles: list[str], config: Config, device) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# Data for the offline demo: an invented news world (every name and sentence is made up here), written to
-# .jsonl files and read back through load_data like any local data
+# Run files: output dir, saved config, checkpoints (atomic, the last few kept, exact resume), logs
+# --------------------------------------------------------------------------------------------------
+def prepare_output_dir(config: Config, log) -> None:
+    """Create output_dir (clear error if it cannot be written); a fresh run clears the files of an old one."""
+    try:
+        os.makedirs(config.output_dir, exist_ok=True)
+        probe = os.path.join(config.output_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir={config.output_dir} ({error.strerror})") from None
+    if config.resume:
+        return
+    stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "checkpoints", "best", "final",
+                               "reference", "curves.png") if os.path.exists(os.path.join(config.output_dir, name))]
+    if stale:
+        log(f"starting a fresh run in {config.output_dir}: replacing {', '.join(stale)} "
+            "(use --resume=True to continue the earlier run instead)")
+    for name in stale:
+        path = os.path.join(config.output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: TrainerState, log) -> dict:
+    """Evaluate, append to eval.jsonl and eval_examples.jsonl, and refresh best/ when best_metric improves."""
+    metrics, examples = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    if dist.is_main:
+        append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), {"step": step, **metrics})
+        for example in examples:
+            append_jsonl(os.path.join(config.output_dir, "eval_examples.jsonl"), {"step": step, **example})
+        if metrics[config.best_metric] > state.best_score:
+            save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "best"))
+    state.best_score = max(state.best_score, metrics[config.best_metric])
+    log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # GRPO steps done
+    best_score: float = -1.0  # best held-out best_metric so far
+    nonfinite_in_a_row: int = 0  # consecutive steps skipped for a NaN/inf loss
+    nonfinite_total: int = 0  # all steps skipped for a NaN/inf loss
+    articles_truncated: int = 0  # training articles cut to max_source_length so far
+
+
+def rng_state() -> dict:
+    """Every random generator the run draws from, so that a resumed run samples what the original would."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_files(output_dir: str) -> list[str]:
+    """Complete checkpoints in output_dir, oldest first (a .tmp left by a killed save is not one)."""
+    directory = os.path.join(output_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d+\.pt", n)) if os.path.isdir(directory) else []
+    return [os.path.join(directory, name) for name in names]
+
+
+def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int) -> str:
+    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`."""
+    directory = os.path.join(output_dir, "checkpoints")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{state.step:08d}.pt")
+    payload = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "trainer_state": dataclasses.asdict(state), "rng_states": rng_states}
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    stale_temporary = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".pt.tmp")]
+    for old in checkpoint_files(output_dir)[:-keep] + stale_temporary:  # .tmp: left by a save that was killed
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> TrainerState:
+    """Restore model, optimizer, scheduler, trainer state and this process's random generators."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG tuples
+    policy.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    rng_states = payload["rng_states"]
+    set_rng_state(rng_states[rank % len(rng_states)])
+    return TrainerState(**payload["trainer_state"])
+
+
+def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
+    """save_pretrained into directory.tmp, then swap it in, so a kill never leaves half a model."""
+    temporary = directory.rstrip("/") + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(temporary, directory)
+
+
+def keep_lines_up_to(path: str, step: int) -> None:
+    """Drop the lines of a .jsonl log written after `step` (by a run that died before its next checkpoint)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if record["step"] <= step:
+                kept.append(json.dumps(record) + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def plot_curves(output_dir: str) -> str | None:
+    """curves.png: training reward, KL to the reference, and held-out ROUGE against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(name):
+        path = os.path.join(output_dir, name)
+        return [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
+
+    steps, evals = read("metrics.jsonl"), read("eval.jsonl")
+    if not steps:
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = [m["step"] for m in steps]
+    axes[0].plot(x, [m["reward_mean"] for m in steps], alpha=0.35, label="batch")
+    window = max(1, len(steps) // 20)
+    smooth = np.convolve([m["reward_mean"] for m in steps], np.ones(window) / window, mode="valid")
+    axes[0].plot(x[window - 1:], smooth, label=f"mean of {window}")
+    axes[0].set(title="training reward (ROUGE)", xlabel="GRPO step")
+    axes[0].legend()
+    axes[1].plot(x, [m["kl"] for m in steps])
+    axes[1].set(title="KL(policy || reference)", xlabel="GRPO step")
+    for key in ROUGE_KEYS:
+        axes[2].plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
+    axes[2].set(title="held-out greedy ROUGE F1", xlabel="GRPO step")
+    axes[2].legend()
+    figure.tight_layout()
+    path = os.path.join(output_dir, "curves.png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: one plain process, or N under torchrun (DDP: NCCL on GPU, gloo on CPU); timers, signals
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average of each number over the processes (the numbers themselves in a plain run)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return dict(zip(values, (tensor / self.world_size).tolist()))
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on one."""
+        return bool(self.mean({"flag": float(flag)})["flag"] > 0)
+
+    def gather_in_order(self, indexed: list[tuple[int, object]]) -> list:
+        """Items that the processes hold as (index, item) pairs, gathered everywhere and sorted by index."""
+        if self.world_size > 1:
+            parts = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, indexed)
+            indexed = [pair for part in parts for pair in part]
+        return [item for _, item in sorted(indexed, key=lambda pair: pair[0])]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(config: Config) -> Distributed:
+    """Join the torchrun process group if there is one, and pick this process's device."""
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device=cuda but no CUDA device is available; use --device=cpu or auto")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, device)
+
+
+class PhaseTimer:
+    """Seconds spent in each named phase (CUDA is synchronised at phase boundaries for honest numbers)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds = Counter()
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[name] += time.perf_counter() - start
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to finish the current step, save a checkpoint and exit; a second Ctrl-C aborts."""
+
+    def __init__(self, log):
+        self.requested, self.log = False, log
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):
+    from tqdm import tqdm
+
+    return tqdm(range(initial, total), initial=initial, total=total, desc=description, disable=disable,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# ROUGE internals: rouge_score's tokenizer and stemmer, each text once, bit-parallel LCS
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def have_punkt() -> bool:
+    """Whether nltk's punkt sentence model is installed; if not, say once that a simple splitter is used."""
+    try:
+        import nltk
+
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return True
+    except (ImportError, LookupError):
+        print("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "
+              "(install it with: python -m nltk.downloader punkt_tab)", file=sys.stderr)
+        return False
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text: nltk's sent_tokenize when punkt is installed, else a split after . ! or ?"""
+    if have_punkt():
+        import nltk
+
+        return [s for line in text.splitlines() for s in nltk.sent_tokenize(line)]
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
+
+
+@lru_cache(maxsize=1)
+def rouge_stemmer():
+    """The Porter stemmer rouge_score itself uses with use_stemmer=True."""
+    from rouge_score import tokenizers
+
+    return tokenizers.DefaultTokenizer(use_stemmer=True)._stemmer
+
+
+@lru_cache(maxsize=1 << 17)
+def rouge_word(word: str) -> str:
+    """A lowercase word as rouge_score scores it: stemmed if longer than 3 characters ("" if nothing is left)."""
+    from rouge_score import tokenize
+
+    token = rouge_stemmer().stem(word) if len(word) > 3 else word
+    return token if tokenize.VALID_TOKEN_RE.match(token) else ""
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized)."""
+    from rouge_score import tokenize
+
+    return [token for token in map(rouge_word, tokenize.NON_ALPHANUM_RE.sub(" ", text.lower()).split()) if token]
+
+
+@dataclass
+class RougeText:
+    """What the ROUGE scores need of one text, computed once per distinct text."""
+
+    tokens: list[str]
+    positions: dict[str, int]  # token -> bitmask of its positions (for bit-parallel LCS)
+    unigrams: Counter
+    bigrams: Counter
+    sentences: list[list[str]]  # one token list per sentence, for ROUGE-Lsum
+    sentence_positions: list[dict[str, int]]
+    sentence_tokens: Counter
+
+    @classmethod
+    def of(cls, text: str) -> "RougeText":
+        tokens = rouge_tokens(text)
+        sentences = [rouge_tokens(sentence) for sentence in split_sentences(text)]
+        sentences = [sentence for sentence in sentences if sentence]
+        return cls(tokens, position_masks(tokens), Counter(tokens), Counter(zip(tokens, tokens[1:])), sentences,
+                   [position_masks(sentence) for sentence in sentences], Counter(t for s in sentences for t in s))
+
+
+def position_masks(tokens: list[str]) -> dict[str, int]:
+    masks: dict[str, int] = {}
+    for position, token in enumerate(tokens):
+        masks[token] = masks.get(token, 0) | (1 << position)
+    return masks
+
+
+def lcs_columns(masks: dict[str, int], length: int, candidate: list[str]) -> list[int]:
+    """Bit-parallel LCS (Allison-Dix / Hyyro): column j of the LCS table as an integer bitmask.
+
+    Bit i of columns[j] is 0 iff table[i+1][j] == table[i][j] + 1, so table[i][j] = i - popcount(columns[j] & (2^i - 1)).
+    """
+    full = (1 << length) - 1
+    column, columns = full, [full]
+    for token in candidate:
+        matches = column & masks.get(token, 0)
+        column = ((column + matches) | (column - matches)) & full
+        columns.append(column)
+    return columns
+
+
+def lcs_reference_positions(reference: list[str], masks: dict[str, int], candidate: list[str]) -> list[int]:
+    """Positions in `reference` of the LCS that rouge_score's backtrack picks (same tie-breaking)."""
+    columns = lcs_columns(masks, len(reference), candidate)
+    i, j, positions = len(reference), len(candidate), []
+    while i > 0 and j > 0:
+        if reference[i - 1] == candidate[j - 1]:
+            i, j = i - 1, j - 1
+            positions.append(i)
+        elif (i - (columns[j - 1] & ((1 << i) - 1)).bit_count()
+              > i - 1 - (columns[j] & ((1 << (i - 1)) - 1)).bit_count()):  # table[i][j-1] > table[i-1][j]
+            j -= 1
+        else:
+            i -= 1
+    return positions
+
+
+def f1(hits: int, prediction_count: int, reference_count: int) -> float:
+    """rouge_score's F-measure from counts (same float operations, so the same numbers)."""
+    precision, recall = hits / prediction_count, hits / reference_count
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def rouge_pair(prediction: RougeText, reference: RougeText) -> dict[str, float]:
+    """ROUGE-1, -2, -L and -Lsum F1 of one prediction against one reference."""
+    scores = {}
+    for key, ours, theirs in (("rouge1", prediction.unigrams, reference.unigrams),
+                              ("rouge2", prediction.bigrams, reference.bigrams)):
+        hits = sum((ours & theirs).values())
+        scores[key] = f1(hits, max(sum(ours.values()), 1), max(sum(theirs.values()), 1))
+    if not prediction.tokens or not reference.tokens:
+        return {**scores, "rougeL": 0.0, "rougeLsum": 0.0}
+    length = len(reference.tokens)
+    lcs = length - lcs_columns(reference.positions, length, prediction.tokens)[-1].bit_count()
+    scores["rougeL"] = f1(lcs, len(prediction.tokens), length)
+    union = Counter()  # ROUGE-Lsum: union of the LCS hits of each reference sentence with every predicted one
+    for sentence, masks in zip(reference.sentences, reference.sentence_positions):
+        hit_positions = set()
+        for candidate in prediction.sentences:
+            hit_positions.update(lcs_reference_positions(sentence, masks, candidate))
+        union.update(sentence[position] for position in hit_positions)
+    hits = sum((union & prediction.sentence_tokens).values())
+    scores["rougeLsum"] = f1(hits, sum(map(len, prediction.sentences)), sum(map(len, reference.sentences)))
+    return scores
+
+
+def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L/Lsum F1 (stemmed) of each prediction against its reference: rouge_score's numbers, faster.
+
+    Every distinct text is tokenized, stemmed and split into sentences once per call, so a reference shared by
+    the G samples of an article is processed once; LCS uses bit-parallel integer arithmetic.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    analyzed: dict[str, RougeText] = {}
+    for text in (*predictions, *references):
+        if text not in analyzed:
+            analyzed[text] = RougeText.of(text)
+    pairs = [rouge_pair(analyzed[p], analyzed[r]) for p, r in zip(predictions, references)]
+    return {key: [pair[key] for pair in pairs] for key in ROUGE_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo world: invented news articles written to .jsonl, a tiny BART built from a config
 # --------------------------------------------------------------------------------------------------
 FIRST = "Arlo Bryn Cora Dax Elin Fenn Greta Hale".split()
 LAST = "Abbot Brask Corrin Dale Elmsworth Fairley Gorse Hallam".split()
@@ -561,825 +1556,6 @@ def report_demo(config: Config) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reward: ROUGE F1 against the reference highlights (rouge_score's tokenizer and stemmer, no downloads)
-# --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def have_punkt() -> bool:
-    """Whether nltk's punkt sentence model is installed; if not, say once that a simple splitter is used."""
-    try:
-        import nltk
-
-        nltk.data.find("tokenizers/punkt_tab/english/")
-        return True
-    except (ImportError, LookupError):
-        print("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "
-              "(install it with: python -m nltk.downloader punkt_tab)", file=sys.stderr)
-        return False
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a text: nltk's sent_tokenize when punkt is installed, else a split after . ! or ?"""
-    if have_punkt():
-        import nltk
-
-        return [s for line in text.splitlines() for s in nltk.sent_tokenize(line)]
-    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
-
-
-@lru_cache(maxsize=1)
-def rouge_stemmer():
-    """The Porter stemmer rouge_score itself uses with use_stemmer=True."""
-    from rouge_score import tokenizers
-
-    return tokenizers.DefaultTokenizer(use_stemmer=True)._stemmer
-
-
-@lru_cache(maxsize=1 << 17)
-def rouge_word(word: str) -> str:
-    """A lowercase word as rouge_score scores it: stemmed if longer than 3 characters ("" if nothing is left)."""
-    from rouge_score import tokenize
-
-    token = rouge_stemmer().stem(word) if len(word) > 3 else word
-    return token if tokenize.VALID_TOKEN_RE.match(token) else ""
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized)."""
-    from rouge_score import tokenize
-
-    return [token for token in map(rouge_word, tokenize.NON_ALPHANUM_RE.sub(" ", text.lower()).split()) if token]
-
-
-@dataclass
-class RougeText:
-    """What the ROUGE scores need of one text, computed once per distinct text."""
-
-    tokens: list[str]
-    positions: dict[str, int]  # token -> bitmask of its positions (for bit-parallel LCS)
-    unigrams: Counter
-    bigrams: Counter
-    sentences: list[list[str]]  # one token list per sentence, for ROUGE-Lsum
-    sentence_positions: list[dict[str, int]]
-    sentence_tokens: Counter
-
-    @classmethod
-    def of(cls, text: str) -> "RougeText":
-        tokens = rouge_tokens(text)
-        sentences = [rouge_tokens(sentence) for sentence in split_sentences(text)]
-        sentences = [sentence for sentence in sentences if sentence]
-        return cls(tokens, position_masks(tokens), Counter(tokens), Counter(zip(tokens, tokens[1:])), sentences,
-                   [position_masks(sentence) for sentence in sentences], Counter(t for s in sentences for t in s))
-
-
-def position_masks(tokens: list[str]) -> dict[str, int]:
-    masks: dict[str, int] = {}
-    for position, token in enumerate(tokens):
-        masks[token] = masks.get(token, 0) | (1 << position)
-    return masks
-
-
-def lcs_columns(masks: dict[str, int], length: int, candidate: list[str]) -> list[int]:
-    """Bit-parallel LCS (Allison-Dix / Hyyro): column j of the LCS table as an integer bitmask.
-
-    Bit i of columns[j] is 0 iff table[i+1][j] == table[i][j] + 1, so table[i][j] = i - popcount(columns[j] & (2^i - 1)).
-    """
-    full = (1 << length) - 1
-    column, columns = full, [full]
-    for token in candidate:
-        matches = column & masks.get(token, 0)
-        column = ((column + matches) | (column - matches)) & full
-        columns.append(column)
-    return columns
-
-
-def lcs_reference_positions(reference: list[str], masks: dict[str, int], candidate: list[str]) -> list[int]:
-    """Positions in `reference` of the LCS that rouge_score's backtrack picks (same tie-breaking)."""
-    columns = lcs_columns(masks, len(reference), candidate)
-    i, j, positions = len(reference), len(candidate), []
-    while i > 0 and j > 0:
-        if reference[i - 1] == candidate[j - 1]:
-            i, j = i - 1, j - 1
-            positions.append(i)
-        elif (i - (columns[j - 1] & ((1 << i) - 1)).bit_count()
-              > i - 1 - (columns[j] & ((1 << (i - 1)) - 1)).bit_count()):  # table[i][j-1] > table[i-1][j]
-            j -= 1
-        else:
-            i -= 1
-    return positions
-
-
-def f1(hits: int, prediction_count: int, reference_count: int) -> float:
-    """rouge_score's F-measure from counts (same float operations, so the same numbers)."""
-    precision, recall = hits / prediction_count, hits / reference_count
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-
-
-def rouge_pair(prediction: RougeText, reference: RougeText) -> dict[str, float]:
-    """ROUGE-1, -2, -L and -Lsum F1 of one prediction against one reference."""
-    scores = {}
-    for key, ours, theirs in (("rouge1", prediction.unigrams, reference.unigrams),
-                              ("rouge2", prediction.bigrams, reference.bigrams)):
-        hits = sum((ours & theirs).values())
-        scores[key] = f1(hits, max(sum(ours.values()), 1), max(sum(theirs.values()), 1))
-    if not prediction.tokens or not reference.tokens:
-        return {**scores, "rougeL": 0.0, "rougeLsum": 0.0}
-    length = len(reference.tokens)
-    lcs = length - lcs_columns(reference.positions, length, prediction.tokens)[-1].bit_count()
-    scores["rougeL"] = f1(lcs, len(prediction.tokens), length)
-    union = Counter()  # ROUGE-Lsum: union of the LCS hits of each reference sentence with every predicted one
-    for sentence, masks in zip(reference.sentences, reference.sentence_positions):
-        hit_positions = set()
-        for candidate in prediction.sentences:
-            hit_positions.update(lcs_reference_positions(sentence, masks, candidate))
-        union.update(sentence[position] for position in hit_positions)
-    hits = sum((union & prediction.sentence_tokens).values())
-    scores["rougeLsum"] = f1(hits, sum(map(len, prediction.sentences)), sum(map(len, reference.sentences)))
-    return scores
-
-
-def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
-    """ROUGE-1/2/L/Lsum F1 (stemmed) of each prediction against its reference: rouge_score's numbers, faster.
-
-    Every distinct text is tokenized, stemmed and split into sentences once per call, so a reference shared by
-    the G samples of an article is processed once; LCS uses bit-parallel integer arithmetic.
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    analyzed: dict[str, RougeText] = {}
-    for text in (*predictions, *references):
-        if text not in analyzed:
-            analyzed[text] = RougeText.of(text)
-    pairs = [rouge_pair(analyzed[p], analyzed[r]) for p, r in zip(predictions, references)]
-    return {key: [pair[key] for pair in pairs] for key in ROUGE_KEYS}
-
-
-def reward_weights(config: Config) -> dict[str, float]:
-    """The reward's ROUGE weights from the config, normalized to sum to 1."""
-    weights = {key: getattr(config, f"{key}_weight") for key in ROUGE_KEYS}
-    total = sum(weights.values())
-    return {key: weight / total for key, weight in weights.items()}
-
-
-def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
-    """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
-    weights = weights or reward_weights(Config())
-    scores = rouge_f1(predictions, references)
-    return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
-
-
-# --------------------------------------------------------------------------------------------------
-# GRPO math: pure tensor-in, tensor-out functions
-# --------------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + eps), over each group of G contiguous samples.
-
-    std is the population std (divides by G). A group whose rewards are all equal gets A = 0.
-    With scale=False (Dr. GRPO) the advantage is only r_i - mean_g r.
-    """
-    grouped = rewards.view(-1, group_size)  # (B, G)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
-    if scale:
-        centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
-    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1): the float mean can be 1 ulp off
-    return centered.masked_fill(all_equal, 0.0).reshape(-1)  # (B*G,)
-
-
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask[i, t] = 1 for the tokens of sample i up to and including its first EOS, 0 after it.
-
-    completion_ids excludes the decoder start token, so the mask is right whatever that token is
-    (eos for BART, pad for T5) and also when pad == eos. A sample without EOS keeps all its tokens.
-    Returns (mask (N, T) float, truncated (N,) bool: the sample has no EOS).
-    """
-    is_eos = completion_ids == eos_token_id  # (N, T)
-    has_eos = is_eos.any(dim=1)  # (N,)
-    length = completion_ids.size(1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
-    positions = torch.arange(length, device=completion_ids.device)  # (T,)
-    return (positions[None, :] <= first_eos[:, None]).float(), ~has_eos
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position, as the gathered logit minus logsumexp, one sequence at a time.
-
-    logits (N, T, V), tokens (N, T) -> (N, T). Exact, without a full (N, T, V) log_softmax copy: the
-    logsumexp of one (T, V) row at a time keeps temporaries small (about 2x faster on CPU at V = 50k).
-    """
-    chosen = logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return chosen - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (N, T)
-
-
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float,
-    beta: float,
-    epsilon_high: float | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy-gradient loss with a KL penalty. Tensors (N, T) with N = B*G, advantages (N,), mask 0/1.
-
-    Per token: ratio = exp(logprobs - old_logprobs)
-               objective = min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) - beta * kl
-               kl = exp(ref - logp) - (ref - logp) - 1            (k3 estimator, >= 0)
-    loss_type  grpo:    -(mean over sequences of (sum of masked objective / that sequence's token count))
-               dapo:    -(sum of masked objective over all tokens) / (total token count)
-               dr_grpo: -(sum of masked objective) / (N * L), L = max_completion_length (default T): a
-                        constant, so no sequence length enters the gradient's scale
-               gspo:    as grpo, but the ratio is the sequence's exp(mean masked log-ratio), clipped per
-                        sequence (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
-    Returns (loss, stats) with stats kl (mean over masked tokens) and clip_fraction (share of masked tokens
-    whose ratio was clipped in the direction that stops the gradient).
-    """
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    mask = mask.to(logprobs.dtype)
-    tokens_per_sequence = mask.sum(dim=1).clamp(min=1)  # (N,)
-    log_ratio = logprobs - old_logprobs  # (N, T)
-    if loss_type == "gspo":
-        log_ratio = ((log_ratio * mask).sum(dim=1) / tokens_per_sequence).unsqueeze(1)  # (N, 1)
-    ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) for gspo
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    A = advantages.unsqueeze(1)  # (N, 1)
-    policy_objective = torch.min(ratio * A, clipped_ratio * A)  # (N, T) or (N, 1)
-    log_ref_ratio = ref_logprobs - logprobs  # (N, T)
-    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (N, T)
-    objective = (policy_objective - beta * kl) * mask  # (N, T)
-    if loss_type in ("grpo", "gspo"):
-        loss = -(objective.sum(dim=1) / tokens_per_sequence).mean()
-    elif loss_type == "dapo":
-        loss = -objective.sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = -objective.sum() / (mask.size(0) * (max_completion_length or mask.size(1)))
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    with torch.no_grad():
-        clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))  # (N, T) or (N, 1)
-        token_count = mask.sum().clamp(min=1)
-        stats = {"kl": (kl * mask).sum() / token_count, "clip_fraction": (clipped * mask).sum() / token_count}
-    return loss, stats
-
-
-def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
-    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss."""
-    if loss_type == "dapo":
-        return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
-    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same N * L
-
-
-# --------------------------------------------------------------------------------------------------
-# Models: the policy, a frozen reference, and a forward pass that encodes each article once for its G samples
-# --------------------------------------------------------------------------------------------------
-def load_policy_and_tokenizer(config: Config, device: torch.device):
-    """The policy (fp32 master weights) and its tokenizer, with one clear line when either cannot be loaded."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    name, remote = config.model_name, config.trust_remote_code
-    hint = "pass --model_name=/path/to/local/model, or set HF_ENDPOINT to a reachable mirror"
-    try:
-        model_config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
-    except Exception as error:
-        raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
-    if not getattr(model_config, "is_encoder_decoder", False):
-        raise UserError(f"model {name!r} is a {model_config.model_type} model without a decoder/encoder pair; "
-                        "this script needs an encoder-decoder (BART, T5, Pegasus, ...)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
-    except Exception as error:
-        raise UserError(f"could not load a tokenizer for {name!r} ({str(error).splitlines()[0]}); "
-                        "save one beside the model with tokenizer.save_pretrained") from None
-    if config.gradient_checkpointing:  # transformers checkpoints only in train mode: dropout goes to 0 instead
-        for key, value in model_config.to_dict().items():
-            if "dropout" in key and isinstance(value, float):
-                setattr(model_config, key, 0.0)
-    try:
-        policy = AutoModelForSeq2SeqLM.from_pretrained(name, config=model_config, trust_remote_code=remote,
-                                                       dtype=torch.float32)
-    except Exception as error:
-        raise UserError(f"could not load model {name!r} ({str(error).splitlines()[0]}); {hint}") from None
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:  # transformers 5 builds an empty one from the config
-        raise UserError(f"found no tokenizer files for {name!r} (its tokenizer would hold only special tokens); "
-                        "save one beside the model with tokenizer.save_pretrained")
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of {name!r} needs a pad and an eos token")
-    return policy.to(device), tokenizer
-
-
-def set_grpo_mode(policy, config: Config) -> None:
-    """Dropout off for GRPO, so that the rollout and the update score the same function (ratio = 1 at first).
-
-    That is eval mode, except with gradient checkpointing, which transformers applies only in train mode:
-    then the model was loaded with every dropout probability set to 0 and stays in train mode.
-    """
-    if config.gradient_checkpointing:  # transformers 5 name first, then the transformers 4 one
-        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable()
-        policy.train()
-    else:
-        policy.eval()
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the model in eval mode with no gradients: the reference pi_ref."""
-    import copy
-
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
-
-
-class GroupedSeq2Seq(torch.nn.Module):
-    """Teacher-forced forward of an encoder-decoder where each article has `group_size` decoder rows.
-
-    The encoder runs once per article; its output is repeated to the G samples, so gradients from all G
-    reach the encoder through that single pass. Wrapping this module (not the bare model) in DDP keeps
-    every scoring pass a normal DDP forward.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids, group_size: int) -> torch.Tensor:
-        from transformers.modeling_outputs import BaseModelOutput
-
-        hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
-            attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
-            decoder_input_ids=decoder_input_ids, use_cache=False,
-        )
-        return outputs.logits  # (B*G, T, V)
-
-
-def generation_settings(model, tokenizer, config: Config, sample: bool):
-    """A GenerationConfig for rollouts (G samples, plain temperature/top-p) or greedy evaluation.
-
-    Built from scratch (and used through generate(), which sets the checkpoint's own generation_config aside)
-    so that a checkpoint's defaults (beams, no_repeat_ngram_size, min_length, forced EOS, top_k) cannot change
-    the distribution we sample from and then score.
-    """
-    from transformers import GenerationConfig
-
-    forced_bos = getattr(model.generation_config, "forced_bos_token_id", None)
-    settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=model.config.decoder_start_token_id,
-                    forced_bos_token_id=forced_bos)
-    if sample:
-        settings.update(do_sample=True, num_return_sequences=config.group_size, temperature=config.temperature,
-                        top_p=config.top_p, top_k=0)
-    else:
-        settings.update(do_sample=False)
-    return GenerationConfig(**settings)
-
-
-@torch.no_grad()
-def generate(model, encoded: dict, settings) -> torch.Tensor:
-    """model.generate with exactly `settings`.
-
-    transformers fills every field left at its default from model.generation_config, so a checkpoint's
-    min_length, no_repeat_ngram_size or forced_eos_token_id would silently change what we sample (and then
-    score as if sampled). The model's own generation_config is set aside for the call.
-    """
-    saved, model.generation_config = model.generation_config, settings
-    try:
-        return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                              generation_config=settings)
-    finally:
-        model.generation_config = saved
-
-
-# --------------------------------------------------------------------------------------------------
-# Rollout: G samples per article, rewards once, advantages once; old and reference log-probs once
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Rollout:
-    input_ids: torch.Tensor  # (B, S) articles
-    attention_mask: torch.Tensor  # (B, S)
-    decoder_input_ids: torch.Tensor  # (B*G, T) decoder start token + sampled tokens, shifted right
-    completion_ids: torch.Tensor  # (B*G, T) the sampled tokens (decoder start token excluded)
-    mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
-    advantages: torch.Tensor  # (B*G,)
-    ref_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_ref, filled in by grpo_step
-    old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (weights stay fp32), nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
-    """(article slice, sample slice) pairs of whole groups, micro_batch_size samples at most each."""
-    articles_per_micro_batch = max(1, micro_batch_size // group_size)
-    for start in range(0, num_articles, articles_per_micro_batch):
-        stop = min(start + articles_per_micro_batch, num_articles)
-        yield slice(start, stop), slice(start * group_size, stop * group_size)
-
-
-@torch.no_grad()
-def sequence_logprobs_no_grad(forward, rollout: Rollout, config: Config, device: torch.device) -> torch.Tensor:
-    """Per-token log-probs (B*G, T) of the rollout's samples under a model, micro-batched, no gradients."""
-    chunks = []
-    for articles, samples in micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size):
-        with autocast(device):
-            logits = forward(rollout.input_ids[articles], rollout.attention_mask[articles],
-                             rollout.decoder_input_ids[samples], config.group_size)
-        chunks.append(token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples]))
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
-    """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
-    encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
-    with timer("time_generate"), autocast(device):
-        sequences = generate(policy, encoded, generation_settings(policy, tokenizer, config, sample=True))
-    completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
-    mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
-    length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
-    completion_ids, mask = completion_ids[:, :length], mask[:, :length]
-    with timer("time_reward"):
-        lengths = mask.sum(dim=1).long().tolist()
-        summaries = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
-                                           skip_special_tokens=True)
-        references = [ref for ref in batch_rows[config.summary_column] for _ in range(config.group_size)]
-        rewards = torch.tensor(rouge_rewards(summaries, references, reward_weights(config)), device=device)
-        advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards)
-    if config.mask_truncated_completions:
-        mask = mask * (~truncated).unsqueeze(1)
-    rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
-                      mask, advantages)
-    zero_std_groups = (advantages.view(-1, config.group_size) == 0).all(dim=1)  # (B,): all G rewards equal
-    stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-             "reward_max": rewards.max().item(), "zero_std_groups": zero_std_groups.float().mean().item(),
-             "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
-             "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
-    return rollout, stats
-
-
-# --------------------------------------------------------------------------------------------------
-# Update: mu optimizer steps on one rollout, micro-batched, gradients synchronised once per step under DDP
-# --------------------------------------------------------------------------------------------------
-def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: Config, device, timer) -> dict:
-    """Run num_iterations (mu) AdamW steps on one rollout. Returns averaged loss statistics.
-
-    A step whose loss or gradient norm is not finite is skipped (no parameter change) and reported.
-    """
-    parameters = [p for p in policy_forward.parameters() if p.requires_grad]
-    totals = Counter()
-    token_total = rollout.mask.sum().clamp(min=1).item()
-    for _ in range(config.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
-        for index, (articles, samples) in enumerate(groups):
-            sync = index == len(groups) - 1 or not hasattr(policy_forward, "no_sync")
-            with (contextlib.nullcontext() if sync else policy_forward.no_sync()):
-                with timer("time_forward"), autocast(device):
-                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
-                                            rollout.decoder_input_ids[samples], config.group_size)
-                    logprobs = token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples])
-                    old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
-                    loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
-                                            rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
-                                            config.loss_type, config.max_new_tokens)
-                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask)
-                with timer("time_backward"):
-                    (loss * weight).backward()
-            step_loss += loss.item() * weight
-            tokens = rollout.mask[samples].sum().item()
-            totals["kl"] += stats["kl"].item() * tokens / token_total / config.num_iterations
-            totals["clip_fraction"] += stats["clip_fraction"].item() * tokens / token_total / config.num_iterations
-        with timer("time_optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
-            if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()
-            else:
-                totals["nonfinite_updates"] += 1
-                optimizer.zero_grad(set_to_none=True)
-        totals["loss"] += step_loss / config.num_iterations
-        totals["grad_norm"] += grad_norm / config.num_iterations
-    return dict(totals)
-
-
-def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, optimizer, scheduler,
-              config: Config, device) -> dict[str, float]:
-    """One GRPO step on a batch of articles: rollout and rewards, reference (and old) log-probs, mu updates.
-
-    Returns this process's numbers for metrics.jsonl, including the seconds spent in each phase.
-    """
-    timer, started = PhaseTimer(device), time.perf_counter()
-    rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
-    with timer("time_reference"):
-        rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
-    if config.num_iterations > 1:  # pi_old = the policy as it sampled; with mu = 1 the ratio is exactly 1
-        with timer("time_old"):
-            rollout.old_logprobs = sequence_logprobs_no_grad(GroupedSeq2Seq(policy), rollout, config, device)
-    update_stats = grpo_update(policy_forward, optimizer, scheduler, rollout, config, device, timer)
-    numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
-    numbers.setdefault("nonfinite_updates", 0.0)
-    numbers["generated_tokens"] = float(rollout.mask.sum())
-    update_seconds = sum(timer.seconds[k] for k in ("time_forward", "time_backward", "time_optimizer"))
-    return {**numbers, **timer.seconds, "time_update": update_seconds, "seconds": time.perf_counter() - started}
-
-
-# --------------------------------------------------------------------------------------------------
-# SFT warm-up: teacher-forced cross-entropy on the reference summaries
-# --------------------------------------------------------------------------------------------------
-def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log) -> None:
-    """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward."""
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate)
-    scheduler = get_scheduler("linear", optimizer, min(config.warmup_steps, config.sft_steps), config.sft_steps)
-    policy.train()
-    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
-    for step in progress:
-        rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
-        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
-        labels = tokenizer(text_target=rows[config.summary_column], max_length=config.max_new_tokens,
-                           truncation=True, padding=True, return_tensors="pt")["input_ids"].to(device)
-        labels[labels == tokenizer.pad_token_id] = -100  # padding only: targets start after the decoder start token
-        decoder_input_ids = policy.prepare_decoder_input_ids_from_labels(labels=labels)
-        with autocast(device):
-            logits = policy_forward(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, 1)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-    set_grpo_mode(policy, config)
-    log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation: greedy decoding on held-out articles, ROUGE-1/2/L/Lsum F1
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict]]:
-    """Greedy summaries of the held-out articles (split across processes), scored with ROUGE F1.
-
-    Returns (metrics with rouge1, rouge2, rougeL, rougeLsum, gen_length and ref_length in words, examples).
-    """
-    settings = generation_settings(policy, tokenizer, config, sample=False)
-    mine = list(range(dist.rank, len(held_out), dist.world_size))
-    predictions = []
-    for start in range(0, len(mine), config.eval_batch_size):
-        rows = held_out[mine[start:start + config.eval_batch_size]]
-        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
-        with autocast(device):
-            output = generate(policy, encoded, settings)
-        predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
-    predictions = dist.gather_in_order(list(zip(mine, predictions)))
-    articles, references = held_out[config.text_column], held_out[config.summary_column]
-    scores = rouge_f1(predictions, references)
-    metrics = {key: float(np.mean(values)) for key, values in scores.items()}
-    metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
-    metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
-    metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
-    examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
-                for i in range(min(config.num_examples, len(predictions)))]
-    return metrics, examples
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpointing: atomic files, the last few kept, best/ by held-out ROUGE, exact resume
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class TrainerState:
-    step: int = 0  # GRPO steps done
-    best_score: float = -1.0  # best held-out best_metric so far
-    nonfinite_in_a_row: int = 0  # consecutive steps skipped for a NaN/inf loss
-    nonfinite_total: int = 0  # all steps skipped for a NaN/inf loss
-    articles_truncated: int = 0  # training articles cut to max_source_length so far
-
-
-def rng_state() -> dict:
-    """Every random generator the run draws from, so that a resumed run samples what the original would."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_files(output_dir: str) -> list[str]:
-    """Complete checkpoints in output_dir, oldest first (a .tmp left by a killed save is not one)."""
-    directory = os.path.join(output_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d+\.pt", n)) if os.path.isdir(directory) else []
-    return [os.path.join(directory, name) for name in names]
-
-
-def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int) -> str:
-    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`."""
-    directory = os.path.join(output_dir, "checkpoints")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{state.step:08d}.pt")
-    payload = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "trainer_state": dataclasses.asdict(state), "rng_states": rng_states}
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    stale_temporary = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".pt.tmp")]
-    for old in checkpoint_files(output_dir)[:-keep] + stale_temporary:  # .tmp: left by a save that was killed
-        os.remove(old)
-    return path
-
-
-def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> TrainerState:
-    """Restore model, optimizer, scheduler, trainer state and this process's random generators."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG tuples
-    policy.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    rng_states = payload["rng_states"]
-    set_rng_state(rng_states[rank % len(rng_states)])
-    return TrainerState(**payload["trainer_state"])
-
-
-def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
-    """save_pretrained into directory.tmp, then swap it in, so a kill never leaves half a model."""
-    temporary = directory.rstrip("/") + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(temporary, directory)
-
-
-def keep_lines_up_to(path: str, step: int) -> None:
-    """Drop the lines of a .jsonl log written after `step` (by a run that died before its next checkpoint)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill
-                continue
-            if record["step"] <= step:
-                kept.append(json.dumps(record) + "\n")
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def plot_curves(output_dir: str) -> str | None:
-    """curves.png: training reward, KL to the reference, and held-out ROUGE against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def read(name):
-        path = os.path.join(output_dir, name)
-        return [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
-
-    steps, evals = read("metrics.jsonl"), read("eval.jsonl")
-    if not steps:
-        return None
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    x = [m["step"] for m in steps]
-    axes[0].plot(x, [m["reward_mean"] for m in steps], alpha=0.35, label="batch")
-    window = max(1, len(steps) // 20)
-    smooth = np.convolve([m["reward_mean"] for m in steps], np.ones(window) / window, mode="valid")
-    axes[0].plot(x[window - 1:], smooth, label=f"mean of {window}")
-    axes[0].set(title="training reward (ROUGE)", xlabel="GRPO step")
-    axes[0].legend()
-    axes[1].plot(x, [m["kl"] for m in steps])
-    axes[1].set(title="KL(policy || reference)", xlabel="GRPO step")
-    for key in ROUGE_KEYS:
-        axes[2].plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
-    axes[2].set(title="held-out greedy ROUGE F1", xlabel="GRPO step")
-    axes[2].legend()
-    figure.tight_layout()
-    path = os.path.join(output_dir, "curves.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# Processes: one plain process, or N under torchrun (DDP: NCCL on GPU, gloo on CPU)
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average of each number over the processes (the numbers themselves in a plain run)."""
-        if self.world_size == 1:
-            return values
-        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return dict(zip(values, (tensor / self.world_size).tolist()))
-
-    def any(self, flag: bool) -> bool:
-        """True on every process if it is True on one."""
-        return bool(self.mean({"flag": float(flag)})["flag"] > 0)
-
-    def gather_in_order(self, indexed: list[tuple[int, object]]) -> list:
-        """Items that the processes hold as (index, item) pairs, gathered everywhere and sorted by index."""
-        if self.world_size > 1:
-            parts = [None] * self.world_size
-            torch.distributed.all_gather_object(parts, indexed)
-            indexed = [pair for part in parts for pair in part]
-        return [item for _, item in sorted(indexed, key=lambda pair: pair[0])]
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def setup_distributed(config: Config) -> Distributed:
-    """Join the torchrun process group if there is one, and pick this process's device."""
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device=cuda but no CUDA device is available; use --device=cpu or auto")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, device)
-
-
-class PhaseTimer:
-    """Seconds spent in each named phase (CUDA is synchronised at phase boundaries for honest numbers)."""
-
-    def __init__(self, device: torch.device):
-        self.seconds = Counter()
-        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.synchronize()
-            self.seconds[name] += time.perf_counter() - start
-
-
-class StopRequest:
-    """Ctrl-C asks the loop to finish the current step, save a checkpoint and exit; a second Ctrl-C aborts."""
-
-    def __init__(self, log):
-        self.requested, self.log = False, log
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(range(initial, total), initial=initial, total=total, desc=description, disable=disable,
-                dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------------------------------
 # Benchmark: a fixed, seeded workload timed phase by phase (--benchmark)
 # --------------------------------------------------------------------------------------------------
 BENCHMARK_WARMUP_STEPS = 2  # steps run before timing starts (allocator and caches warm up)
@@ -1479,167 +1655,8 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# main: data -> models -> (SFT) -> evaluate -> GRPO steps (rollout, reference, update) -> evaluate -> save
+# Entry point
 # --------------------------------------------------------------------------------------------------
-def prepare_output_dir(config: Config, log) -> None:
-    """Create output_dir (clear error if it cannot be written); a fresh run clears the files of an old one."""
-    try:
-        os.makedirs(config.output_dir, exist_ok=True)
-        probe = os.path.join(config.output_dir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"cannot write to --output_dir={config.output_dir} ({error.strerror})") from None
-    if config.resume:
-        return
-    stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "checkpoints", "best", "final",
-                               "reference", "curves.png") if os.path.exists(os.path.join(config.output_dir, name))]
-    if stale:
-        log(f"starting a fresh run in {config.output_dir}: replacing {', '.join(stale)} "
-            "(use --resume=True to continue the earlier run instead)")
-    for name in stale:
-        path = os.path.join(config.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: TrainerState, log) -> dict:
-    """Evaluate, append to eval.jsonl and eval_examples.jsonl, and refresh best/ when best_metric improves."""
-    metrics, examples = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
-    if dist.is_main:
-        append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), {"step": step, **metrics})
-        for example in examples:
-            append_jsonl(os.path.join(config.output_dir, "eval_examples.jsonl"), {"step": step, **example})
-        if metrics[config.best_metric] > state.best_score:
-            save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "best"))
-    state.best_score = max(state.best_score, metrics[config.best_metric])
-    log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return metrics
-
-
-def train(config: Config, given: set[str] = frozenset()) -> int:
-    """The whole run. Returns the exit code (0, or 130 after Ctrl-C with a checkpoint saved)."""
-    import transformers
-    from transformers import get_scheduler
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    dist = setup_distributed(config)
-    device = dist.device
-    from tqdm import tqdm
-
-    def log(message: str) -> None:
-        if dist.is_main:
-            tqdm.write(message, file=sys.stderr)
-
-    if dist.is_main:
-        prepare_output_dir(config, log)
-    dist.barrier()
-    if config.demo or config.benchmark:
-        config = prepare_demo(config, dist, log, given)
-    if config.benchmark:
-        return run_benchmark(config, dist, log)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed + dist.rank)  # different samples on every process
-    train_rows, held_out = load_data(config, log)
-    policy, tokenizer = load_policy_and_tokenizer(config, device)
-    set_grpo_mode(policy, config)
-    policy_forward = GroupedSeq2Seq(policy)
-    if config.compile:
-        policy_forward = torch.compile(policy_forward)
-    if dist.world_size > 1:
-        policy_forward = torch.nn.parallel.DistributedDataParallel(
-            policy_forward, device_ids=[device.index] if device.type == "cuda" else None)
-    reference_dir = os.path.join(config.output_dir, "reference")
-    checkpoints = checkpoint_files(config.output_dir) if config.resume else []
-    if config.resume and not checkpoints:
-        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint")
-    if not checkpoints and config.sft_steps > 0:
-        sft_warmup(policy_forward, policy, tokenizer, train_rows, config, device, dist, log)
-        if dist.is_main:
-            save_pretrained_atomic(policy, tokenizer, reference_dir)  # pi_ref for a resumed run
-    if checkpoints and os.path.isdir(reference_dir):
-        from transformers import AutoModelForSeq2SeqLM
-
-        reference = frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(
-            reference_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code).to(device))
-    else:
-        reference = frozen_copy(policy)  # pi_ref: the policy as GRPO starts (after SFT, if any)
-    reference_forward = GroupedSeq2Seq(reference)
-
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
-    state = TrainerState()
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
-        if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
-            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
-                keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
-        log(f"resumed from {checkpoints[-1]} at step {state.step}")
-    else:
-        record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
-
-    def checkpoint() -> None:
-        rng_states = dist.gather_in_order([(dist.rank, rng_state())])
-        if dist.is_main:
-            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints)
-
-    stop = StopRequest(log)
-    progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=state.step)
-    try:
-        for step in range(state.step + 1, config.max_steps + 1):
-            rows = train_rows[batch_indices(step - 1, config.batch_size, len(train_rows), config.seed,
-                                            dist.rank, dist.world_size)]
-            numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
-                                config, device)
-            skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
-            state.step = step
-            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
-            state.nonfinite_total += skipped
-            if skipped:
-                log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped "
-                    f"({state.nonfinite_in_a_row} in a row)")
-            numbers["articles"] = float(len(rows[config.text_column]))
-            metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0]}
-            for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
-                metrics[count] = round(metrics[count] * dist.world_size)
-            state.articles_truncated += metrics["articles_truncated"]
-            metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
-            if dist.is_main:
-                append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-            if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
-                raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
-                                "try a lower --learning_rate or --max_grad_norm")
-            if step % config.eval_every == 0 or step == config.max_steps:
-                record_evaluation(config, dist, step, policy, tokenizer, held_out, state, log)
-            interrupted = dist.any(stop.requested)
-            if step % config.save_every == 0 or step == config.max_steps or interrupted:
-                checkpoint()
-            if interrupted:
-                progress.close()
-                log(f"stopped at step {step}; checkpoint saved. Continue with: python {sys.argv[0]} "
-                    f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
-                return 130
-    finally:
-        stop.restore()
-        progress.close()
-    if dist.world_size > 1:  # DDP keeps the copies identical; say so, or fail loudly if they drifted apart
-        checksums = dist.gather_in_order([(dist.rank, sum(p.double().sum().item() for p in policy.parameters()))])
-        if len(set(checksums)) > 1:
-            raise UserError(f"the {dist.world_size} processes ended with different weights: checksums {checksums}")
-        log(f"weights identical on all {dist.world_size} processes (checksum {checksums[0]!r})")
-    if dist.is_main:
-        save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "final"))
-        plot_curves(config.output_dir)
-        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
-    if config.demo and dist.is_main:
-        report_demo(config)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         config, given = parse_args(sys.argv[1:] if argv is None else argv)
