@@ -268,7 +268,9 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
         summaries = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
                                            skip_special_tokens=True)
         references = [ref for ref in batch_rows[config.summary_column] for _ in range(config.group_size)]
-        rewards = torch.tensor(rouge_rewards(summaries, references, reward_weights(config)), device=device)
+        articles = [text for text in batch_rows[config.text_column] for _ in range(config.group_size)]
+        rewards = torch.tensor(checked_rewards(compute_rewards(summaries, references, articles, config), summaries),
+                               dtype=torch.float32, device=device)
         advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards)
     if config.mask_truncated_completions:
         mask = mask * (~truncated).unsqueeze(1)
@@ -504,6 +506,21 @@ def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
 # --------------------------------------------------------------------------------------------------
 # THE REWARD: edit compute_rewards to change what GRPO optimizes (e.g. add a length penalty)
 # --------------------------------------------------------------------------------------------------
+def compute_rewards(predictions: list[str], references: list[str], articles: list[str], config: Config) -> list[float]:
+    """The reward of each sampled summary. This is the one place to plug in another reward.
+
+    Contract:
+      inputs   predictions[i] is a summary sampled for articles[i], whose reference summary is references[i];
+               the G samples of an article are consecutive and share its article and reference.
+               config is the run's Config (for weights or other settings you add to it).
+      output   one finite float per prediction, larger is better. Only differences within a group of G
+               matter (advantages are normalized within each group), so a constant offset changes nothing.
+      called   once per rollout, on every process for its own articles, never inside the mu updates.
+    Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
+    """
+    return rouge_rewards(predictions, references, reward_weights(config))
+
+
 def reward_weights(config: Config) -> dict[str, float]:
     """The reward's ROUGE weights from the config, normalized to sum to 1."""
     weights = {key: getattr(config, f"{key}_weight") for key in ROUGE_KEYS}
@@ -516,6 +533,17 @@ def rouge_rewards(predictions: list[str], references: list[str], weights: dict[s
     weights = weights or reward_weights(Config())
     scores = rouge_f1(predictions, references)
     return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
+
+
+def checked_rewards(rewards, predictions: list[str]) -> list[float]:
+    """compute_rewards' output, checked against its contract: one finite float per prediction."""
+    rewards = [float(r) for r in rewards]
+    if len(rewards) != len(predictions) or not all(math.isfinite(r) for r in rewards):
+        bad = next((r for r in rewards if not math.isfinite(r)), None)
+        raise UserError(f"compute_rewards returned {len(rewards)} rewards for {len(predictions)} summaries"
+                        + (f", including {bad}" if bad is not None else "")
+                        + "; it must return one finite float per summary")
+    return rewards
 
 
 # --------------------------------------------------------------------------------------------------
@@ -744,6 +772,32 @@ def parse_value(name: str, text: str, annotation) -> object:
         except ValueError:
             pass
     raise ConfigError(f"--{name} expects {kind.__name__}, got {text!r}")
+
+
+def config_groups() -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Config's fields as written in its source: [(group heading, [(name, default, comment), ...]), ...]."""
+    import inspect
+
+    groups: list[tuple[str, list]] = [("", [])]
+    for line in inspect.getsource(Config).splitlines():
+        if heading := re.fullmatch(r"    # (.+)", line):
+            groups.append((heading[1], []))
+        elif field := re.fullmatch(r"    (\w+): [^=]+ = (.+?)  # (.*)", line):
+            groups[-1][1].append(field.groups())
+    return [(heading, fields) for heading, fields in groups if fields]
+
+
+def help_text() -> str:
+    """What --help prints: every flag, grouped as in Config, with its default and its comment."""
+    lines = [f"usage: python {os.path.basename(__file__)} [--name=value ...]   (a bare --name sets a bool to True)",
+             "Every field of Config is a flag; edit its default at the top of the script to change it for good."]
+    for heading, fields in config_groups():
+        lines.append(f"\n{heading}:")
+        lines += [f"  --{name}={default}".ljust(44) + f" {comment}" for name, default, comment in fields]
+    lines.append(f"\n--demo sets: {', '.join(f'{k}={v}' for k, v in DEMO_CONFIG.items())}")
+    lines.append(f"--benchmark sets the demo's values and: {', '.join(f'{k}={v}' for k, v in BENCHMARK_CONFIG.items())}")
+    lines.append("Flags given explicitly win over those.")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
@@ -1658,8 +1712,12 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
 # Entry point
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
     try:
-        config, given = parse_args(sys.argv[1:] if argv is None else argv)
+        config, given = parse_args(argv)
         validate_config(config)
         return train(config, given)
     except UserError as error:

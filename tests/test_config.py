@@ -196,3 +196,24 @@ def test_readme_lists_every_flag_with_its_default_and_comment():
     assert len(fields) == len(grpo.dataclasses.fields(grpo.Config))  # every field has a one-line comment
     for name, default, comment in fields:
         assert f"| `--{name}` | `{default}` | {comment} |" in readme, name
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_flag_grouped_with_its_default_and_comment_and_exits_0(flag, capsys):
+    assert grpo.main(["--group_size=3", flag]) == 0  # help wins over everything else, even a bad value
+    out = capsys.readouterr().out
+    groups = grpo.config_groups()
+    fields = [field for _, group in groups for field in group]
+    assert [name for name, _, _ in fields] == [f.name for f in dataclasses.fields(grpo.Config)]
+    position = -1
+    for heading, group in groups:  # in Config's order, under its group heading
+        assert out.index(f"\n{heading}:\n") > position
+        for name, default, comment in group:
+            line = next(line for line in out.splitlines() if line.lstrip().startswith(f"--{name}="))
+            assert line.split()[0] == f"--{name}={default}" and line.endswith(comment), line
+            assert out.index(line) > position
+            position = out.index(line)
+    defaults = grpo.Config()
+    for name, default, _ in fields:  # the default shown is the dataclass's own
+        assert grpo.parse_value(name, default.strip('"'), grpo.typing.get_type_hints(grpo.Config)[name]) \
+            == getattr(defaults, name), name

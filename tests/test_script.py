@@ -403,3 +403,30 @@ def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_ba
         rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
         assert stats["zero_std_groups"] == expected
         assert bool((rollout.advantages == 0).all()) == (expected == 1.0)
+
+
+def test_a_custom_reward_is_used(grpo, tiny_bart_dir, data_files, monkeypatch):
+    """compute_rewards is the one place to plug in a reward: the rollout's rewards and advantages come from it."""
+    config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+        grpo, tiny_bart_dir, data_files, num_iterations=1)
+    seen = {}
+
+    def brevity_bonus(predictions, references, articles, config):  # shorter is better: -(number of words)
+        seen.update(predictions=predictions, references=references, articles=articles)
+        return [-float(len(p.split())) for p in predictions]
+
+    monkeypatch.setattr(grpo, "compute_rewards", brevity_bonus)
+    rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
+    G = config.group_size
+    assert seen["articles"] == [a for a in rows[config.text_column] for _ in range(G)]
+    assert seen["references"] == [r for r in rows[config.summary_column] for _ in range(G)]
+    rewards = torch.tensor([-float(len(p.split())) for p in seen["predictions"]])
+    assert stats["reward_mean"] == pytest.approx(rewards.mean().item())
+    assert torch.equal(rollout.advantages, grpo.group_advantages(rewards, G, scale=config.scale_rewards))
+
+
+@pytest.mark.parametrize("rewards, problem", [([0.5], "1 rewards for 2"), ([0.5, float("nan")], "nan")])
+def test_a_reward_that_breaks_the_contract_is_one_clear_error(grpo, rewards, problem):
+    with pytest.raises(grpo.UserError, match="one finite float per summary") as info:
+        grpo.checked_rewards(rewards, ["a", "b"])
+    assert problem in str(info.value)
