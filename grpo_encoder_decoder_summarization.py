@@ -12,6 +12,11 @@ What it does, per step (Shao et al. 2024, "DeepSeekMath", section 4.1):
         KL_t       = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1        (the k3 estimator)
      and the loss is minus the objective averaged over tokens (see grpo_loss for the loss_type variants).
 
+What the defaults reduce to: with num_iterations = mu = 1 (the default) every rollout gets exactly one update,
+so pi_old = pi_theta, the ratio is exactly 1 and the clip never fires: the update is the plain group-baseline
+policy gradient, -A_i * grad log pi_theta(y_t), plus the KL term. No old-policy pass is run. The clip (epsilon)
+matters only when mu > 1, where later updates on the same rollout move pi_theta away from pi_old.
+
 References:
   GRPO      Shao et al. 2024, DeepSeekMath, arXiv:2402.03300
   PPO       Schulman et al. 2017, arXiv:1707.06347; k3 KL estimator: J. Schulman, "Approximating KL divergence"
