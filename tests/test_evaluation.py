@@ -51,7 +51,7 @@ def test_bootstrap_ci_is_seeded(grpo):
     assert grpo.bootstrap_ci(scores, seed=3) != grpo.bootstrap_ci(scores, seed=4)
 
 
-def test_bootstrap_ci_chunking_does_not_change_the_numbers(grpo, monkeypatch):
+def test_bootstrap_ci_chunking_does_not_change_the_numbers(grpo):
     """More articles than one chunk of resamples holds: the interval is the one of the unchunked formula."""
     scores = np.random.default_rng(5).random(30_000)  # 2M / 30k = 66 resamples per chunk
     generator = np.random.default_rng(0)
@@ -199,7 +199,8 @@ def test_eval_only_decoding_reaches_generate(decoding, grpo, summarizer_dir, dat
         assert (record[f"{key}_ci_low"], record[f"{key}_ci_high"]) == grpo.bootstrap_ci(scores[key], seed=0)
 
 
-def test_eval_only_reads_the_local_test_split_and_never_overwrites(summarizer_dir, test_file, tmp_path):
+def test_eval_only_reads_the_local_test_split_and_never_overwrites(grpo, summarizer_dir, test_file, tmp_path,
+                                                                   monkeypatch, capsys):
     out = tmp_path / "eval"
     result = run_script(*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
                         "--eval_decoding=checkpoint", f"--output_dir={out}", cwd=tmp_path)
@@ -212,18 +213,19 @@ def test_eval_only_reads_the_local_test_split_and_never_overwrites(summarizer_di
     assert "eval-only" in result.stderr and "rougeL=" in result.stderr
 
     # A second evaluation into the same folder is refused with one line; the first one's files stay as they were.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = (out / "eval_predictions.jsonl").read_bytes(), (out / "eval.jsonl").read_bytes()
-    again = run_script(*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
-                       "--eval_samples=2", f"--output_dir={out}", cwd=tmp_path)
-    assert again.returncode == 1
-    assert again.stderr.strip().startswith("error:") and len(again.stderr.strip().splitlines()) == 1
-    assert "eval_predictions.jsonl" in again.stderr and "--output_dir" in again.stderr
+    capsys.readouterr()
+    assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
+                      "--eval_samples=2", f"--output_dir={out}"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1
+    assert "eval_predictions.jsonl" in error and "--output_dir" in error
     assert ((out / "eval_predictions.jsonl").read_bytes(), (out / "eval.jsonl").read_bytes()) == before
 
     # --eval_samples given: the first eval_samples articles of the split.
-    result = run_script(*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
-                        "--eval_samples=2", f"--output_dir={tmp_path / 'two'}", cwd=tmp_path)
-    check_ok(result)
+    assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
+                      "--eval_samples=2", f"--output_dir={tmp_path / 'two'}"]) == 0
     assert [p["index"] for p in read_jsonl(tmp_path / "two" / "eval_predictions.jsonl")] == [0, 1]
     assert read_jsonl(tmp_path / "two" / "eval.jsonl")[0]["articles"] == 2
 
@@ -255,12 +257,18 @@ def test_validate_config_accepts_evaluation_flags(grpo, changes):
     grpo.validate_config(dataclasses.replace(grpo.Config(), **changes))
 
 
-def test_eval_only_without_the_hub_names_the_local_flags(summarizer_dir, tmp_path):
-    result = run_script(*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test",
-                        "--dataset_name=no-such-org/no-such-dataset", f"--output_dir={tmp_path / 'e'}", cwd=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "test split" in line and "--test_file" in line
+def test_eval_split_from_an_unreachable_hub_names_the_local_flags(grpo, monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    config = dataclasses.replace(grpo.Config(), eval_only=True, eval_split="test")
+    with pytest.raises(grpo.UserError) as info:
+        grpo.load_eval_split(config, set(), print)
+    message = str(info.value)
+    assert "test split" in message and "--test_file" in message and len(message.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,12 +279,14 @@ TRAIN_ARGS = ("--max_steps=2", "--batch_size=2", "--group_size=2", "--micro_batc
               "--learning_rate=1e-3")
 
 
-def test_training_writes_intervals_predictions_and_the_paired_change(grpo, tiny_bart_dir, data_files, tmp_path):
+def test_training_writes_intervals_predictions_and_the_paired_change(grpo, tiny_bart_dir, data_files, tmp_path,
+                                                                      monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     train, validation = data_files
     out = tmp_path / "run"
-    result = run_script(f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
-                        *TRAIN_ARGS, f"--output_dir={out}", cwd=tmp_path)
-    check_ok(result)
+    assert grpo.main([f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                      *TRAIN_ARGS, f"--output_dir={out}"]) == 0
+    stderr = capfd.readouterr().err
     evals = read_jsonl(out / "eval.jsonl")
     predictions = read_jsonl(out / "eval_predictions.jsonl")
     assert [e["step"] for e in evals] == [0, 1, 2]
@@ -295,20 +305,21 @@ def test_training_writes_intervals_predictions_and_the_paired_change(grpo, tiny_
         after = [p[key] for p in predictions if p["step"] == 2]
         assert (last[f"{key}_change"], last[f"{key}_change_ci_low"], last[f"{key}_change_ci_high"]) == \
             pytest.approx(grpo.paired_bootstrap(before, after, seed=0))
-    assert "after GRPO minus before" in result.stderr
+    assert "after GRPO minus before" in stderr and "Traceback" not in stderr
 
 
-def test_eval_samples_zero_turns_evaluation_off(tiny_bart_dir, data_files, tmp_path):
+def test_eval_samples_zero_turns_evaluation_off(grpo, tiny_bart_dir, data_files, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     train, validation = data_files
     out = tmp_path / "run"
-    result = run_script(f"--model_name={tiny_bart_dir}", f"--train_file={train}", *TRAIN_ARGS, "--eval_samples=0",
-                        f"--output_dir={out}", cwd=tmp_path)
-    check_ok(result)
+    assert grpo.main([f"--model_name={tiny_bart_dir}", f"--train_file={train}", *TRAIN_ARGS, "--eval_samples=0",
+                      f"--output_dir={out}"]) == 0
+    stderr = capfd.readouterr().err
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
     for name in ("eval.jsonl", "eval_predictions.jsonl", "eval_examples.jsonl", "best"):
         assert not (out / name).exists(), name
     assert (out / "final" / "config.json").is_file()
-    assert "holding out" not in result.stderr  # every training row is used for training
+    assert "holding out" not in stderr and "Traceback" not in stderr  # every training row is used for training
 
 
 # --------------------------------------------------------------------------------------------------
