@@ -22,7 +22,8 @@ References:
 
 How to run:
   python grpo_encoder_decoder_summarization.py --demo                  # offline demo, a few minutes on a CPU
-  python grpo_encoder_decoder_summarization.py                         # bart-base on CNN/DailyMail (GPU)
+  python grpo_encoder_decoder_summarization.py                         # bart-large-cnn on CNN/DailyMail (GPU)
+  python grpo_encoder_decoder_summarization.py --eval_only=True --eval_split=test --eval_decoding=checkpoint
   python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
   python grpo_encoder_decoder_summarization.py --train_file=train.jsonl --validation_file=val.jsonl
   torchrun --standalone --nproc_per_node=4 grpo_encoder_decoder_summarization.py --batch_size=4
@@ -78,7 +79,7 @@ class Config:
     # GRPO rollout
     group_size: int = 8  # G: summaries sampled per article (TRL: num_generations)
     batch_size: int = 8  # B: articles per step and process; the step sees B*G summaries
-    micro_batch_size: int = 16  # summaries per forward/backward; a multiple of G (whole groups)
+    micro_batch_size: int = 32  # summaries per forward/backward; a multiple of G (whole groups)
     temperature: float = 1.0  # sampling temperature; log-probs are scored at the same temperature
     top_p: float = 1.0  # nucleus sampling mass in (0, 1]
     # reward: a weighted mean of ROUGE F1 scores (weights are normalized to sum to 1)
