@@ -1069,6 +1069,9 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
+        raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
+                          "model's generation_config sets it (max_length): drop --max_new_tokens")
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
     if os.path.exists(predictions_path):
         raise UserError(f"{predictions_path} exists from an earlier evaluation; pass another --output_dir "
@@ -1807,7 +1810,9 @@ def report_demo(config: Config) -> None:
           f"(GRPO started from the SFT checkpoint at step {before['step']}):")
     print(f"{'metric':<18}{'before GRPO':>12}{'after GRPO':>12}{'change':>10}")
     for key in (*ROUGE_KEYS, "gen_length", "distinct_fraction"):
-        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+10.4f}")
+        interval = (f"  paired 95% CI [{after[f'{key}_change_ci_low']:+.4f}, {after[f'{key}_change_ci_high']:+.4f}]"
+                    if f"{key}_change_ci_low" in after else "")
+        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+10.4f}{interval}")
     print(f"{'reference length':<18}{after['ref_length']:>12.1f} words")
     first = [e for e in examples if e["step"] == before["step"]]
     last = [e for e in examples if e["step"] == after["step"]]

@@ -128,7 +128,8 @@ def test_file(data_files, tmp_path_factory) -> Path:
     return path
 
 
-EVAL_ARGS = ("--eval_only=True", "--max_source_length=64", "--max_new_tokens=8", "--eval_batch_size=3", "--device=cpu")
+EVAL_ARGS = ("--eval_only=True", "--max_source_length=64", "--eval_batch_size=3", "--device=cpu")
+GREEDY_ARGS = ("--eval_decoding=greedy", "--max_new_tokens=8")
 
 
 @pytest.mark.parametrize("decoding", ["checkpoint", "greedy"])
@@ -156,7 +157,8 @@ def test_eval_only_decoding_reaches_generate(decoding, grpo, summarizer_dir, dat
     _, validation = data_files
     out = tmp_path / "eval"
     assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", f"--validation_file={validation}",
-                      f"--eval_decoding={decoding}", f"--output_dir={out}"]) == 0
+                      *(("--eval_decoding=checkpoint",) if decoding == "checkpoint" else GREEDY_ARGS),
+                      f"--output_dir={out}"]) == 0
     monkeypatch.undo()
 
     assert len(seen) == 3  # 8 articles in batches of 3
@@ -217,7 +219,7 @@ def test_eval_only_reads_the_local_test_split_and_never_overwrites(grpo, summari
     before = (out / "eval_predictions.jsonl").read_bytes(), (out / "eval.jsonl").read_bytes()
     capsys.readouterr()
     assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
-                      "--eval_samples=2", f"--output_dir={out}"]) == 1
+                      "--eval_samples=2", *GREEDY_ARGS, f"--output_dir={out}"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and len(error.splitlines()) == 1
     assert "eval_predictions.jsonl" in error and "--output_dir" in error
@@ -225,7 +227,7 @@ def test_eval_only_reads_the_local_test_split_and_never_overwrites(grpo, summari
 
     # --eval_samples given: the first eval_samples articles of the split.
     assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
-                      "--eval_samples=2", f"--output_dir={tmp_path / 'two'}"]) == 0
+                      "--eval_samples=2", *GREEDY_ARGS, f"--output_dir={tmp_path / 'two'}"]) == 0
     assert [p["index"] for p in read_jsonl(tmp_path / "two" / "eval_predictions.jsonl")] == [0, 1]
     assert read_jsonl(tmp_path / "two" / "eval.jsonl")[0]["articles"] == 2
 
@@ -255,6 +257,13 @@ def test_validate_config_rejects_evaluation_flags(grpo, changes, flag):
 ])
 def test_validate_config_accepts_evaluation_flags(grpo, changes):
     grpo.validate_config(dataclasses.replace(grpo.Config(), **changes))
+
+
+def test_eval_only_checkpoint_decoding_refuses_max_new_tokens(grpo, capsys):
+    """The checkpoint's generation_config sets the length; a --max_new_tokens that would be ignored is refused."""
+    assert grpo.main(["--eval_only=True", "--eval_decoding=checkpoint", "--max_new_tokens=8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1 and "--max_new_tokens" in error
 
 
 def test_eval_split_from_an_unreachable_hub_names_the_local_flags(grpo, monkeypatch):
