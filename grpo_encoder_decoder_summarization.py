@@ -111,7 +111,7 @@ class Config:
     eval_split: str = "validation"  # split scored: validation, or test (only with --eval_only=True)
     eval_decoding: str = "greedy"  # greedy (max_new_tokens), or checkpoint: the model's own generation_config
     eval_only: bool = False  # only score --model_name on --eval_split: eval.jsonl and eval_predictions.jsonl
-    eval_batch_size: int = 32  # articles per greedy-decoding batch
+    eval_batch_size: int = 32  # articles per evaluation decoding batch
     num_examples: int = 3  # example summaries written to eval_examples.jsonl per evaluation
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept (the best one by best_metric is kept apart)
@@ -1164,6 +1164,9 @@ def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: Tr
                 f"{CONFIDENCE_LEVEL:.0%} CI: " + " ".join(
                     f"{key} {metrics[f'{key}_change']:+.4f} [{metrics[f'{key}_change_ci_low']:+.4f}, "
                     f"{metrics[f'{key}_change_ci_high']:+.4f}]" for key in ROUGE_KEYS))
+        else:
+            log(f"note: no paired before/after comparison: step 0 scored {len(before)} articles, this evaluation "
+                f"{len(per_article)}")
     if dist.is_main:
         append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), {"step": step, **metrics})
         for example in examples:
