@@ -316,6 +316,17 @@ def test_training_writes_intervals_predictions_and_the_paired_change(grpo, tiny_
             pytest.approx(grpo.paired_bootstrap(before, after, seed=0))
     assert "after GRPO minus before" in stderr and "Traceback" not in stderr
 
+    # Evaluation only on the run's final/ gives the run's own last evaluation: same articles, same greedy summaries.
+    assert grpo.main(["--eval_only=True", f"--model_name={out / 'final'}", f"--validation_file={validation}",
+                      "--eval_samples=5", "--max_new_tokens=6", "--max_source_length=48", "--device=cpu",
+                      f"--output_dir={tmp_path / 'final_eval'}"]) == 0
+    (record,) = read_jsonl(tmp_path / "final_eval" / "eval.jsonl")
+    assert [p["prediction"] for p in read_jsonl(tmp_path / "final_eval" / "eval_predictions.jsonl")] == \
+        [p["prediction"] for p in predictions if p["step"] == 2]
+    for key in ROUGE:
+        assert (record[key], record[f"{key}_ci_low"], record[f"{key}_ci_high"]) == \
+            (last[key], last[f"{key}_ci_low"], last[f"{key}_ci_high"])
+
 
 def test_eval_samples_zero_turns_evaluation_off(grpo, tiny_bart_dir, data_files, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
