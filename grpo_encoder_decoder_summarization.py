@@ -27,7 +27,8 @@ References:
 
 How to run:
   python grpo_encoder_decoder_summarization.py --demo                  # offline demo, a few minutes on a CPU
-  python grpo_encoder_decoder_summarization.py                         # bart-base on CNN/DailyMail (GPU)
+  python grpo_encoder_decoder_summarization.py                         # bart-large-cnn on CNN/DailyMail (GPU)
+  python grpo_encoder_decoder_summarization.py --eval_only=True --eval_split=test --eval_decoding=checkpoint
   python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
   python grpo_encoder_decoder_summarization.py --train_file=train.jsonl --validation_file=val.jsonl
   torchrun --standalone --nproc_per_node=4 grpo_encoder_decoder_summarization.py --batch_size=4
@@ -68,21 +69,22 @@ if typing.TYPE_CHECKING:  # for annotations only: datasets is imported where dat
 @dataclass
 class Config:
     # model and data
-    model_name: str = "facebook/bart-base"  # hub id or local dir loadable with AutoModelForSeq2SeqLM
+    model_name: str = "facebook/bart-large-cnn"  # hub id or local dir loadable with AutoModelForSeq2SeqLM
     trust_remote_code: bool = False  # allow custom model code from the hub (off unless you set it)
     dataset_name: str = "abisee/cnn_dailymail"  # hub dataset with train and validation splits
     dataset_config: str = "3.0.0"  # its configuration name
     train_file: str = ""  # local .jsonl/.json/.csv training data; when set it replaces the hub dataset
     validation_file: str = ""  # local held-out data; if empty with train_file, eval_samples rows are held out
+    test_file: str = ""  # local test data, read only by --eval_only=True --eval_split=test
     text_column: str = "article"  # column with the text to summarize
     summary_column: str = "highlights"  # column with the reference summary
     source_prefix: str = ""  # prepended to every article, e.g. "summarize: " for T5
-    max_source_length: int = 512  # articles are truncated to this many tokens (and counted)
-    max_new_tokens: int = 64  # longest summary sampled, in tokens
+    max_source_length: int = 1024  # articles are truncated to this many tokens (and counted)
+    max_new_tokens: int = 142  # longest summary sampled (and greedy-decoded), in tokens
     # GRPO rollout
     group_size: int = 8  # G: summaries sampled per article (TRL: num_generations)
     batch_size: int = 8  # B: articles per step and process; the step sees B*G summaries
-    micro_batch_size: int = 16  # summaries per forward/backward; a multiple of G (whole groups)
+    micro_batch_size: int = 32  # summaries per forward/backward; a multiple of G (whole groups)
     temperature: float = 1.0  # sampling temperature; log-probs are scored at the same temperature
     top_p: float = 1.0  # nucleus sampling mass in (0, 1]
     # reward: a weighted mean of ROUGE F1 scores (weights are normalized to sum to 1)
@@ -109,9 +111,12 @@ class Config:
     sft_batch_size: int = 16  # articles per SFT step and process
     # loop, evaluation, checkpoints
     max_steps: int = 1000  # GRPO steps
-    eval_every: int = 100  # held-out greedy ROUGE every this many steps (and before and after training)
-    eval_samples: int = 500  # held-out articles per evaluation
-    eval_batch_size: int = 32  # articles per greedy-decoding batch
+    eval_every: int = 100  # held-out ROUGE every this many steps (and before and after training)
+    eval_samples: int = 500  # held-out articles per evaluation; 0: none; --eval_only: all unless given
+    eval_split: str = "validation"  # split scored: validation, or test (only with --eval_only=True)
+    eval_decoding: str = "greedy"  # greedy (max_new_tokens), or checkpoint: the model's own generation_config
+    eval_only: bool = False  # only score --model_name on --eval_split: eval.jsonl and eval_predictions.jsonl
+    eval_batch_size: int = 32  # articles per evaluation decoding batch
     num_examples: int = 3  # example summaries written to eval_examples.jsonl per evaluation
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept (the best one by best_metric is kept apart)
@@ -138,6 +143,8 @@ BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0) 
 DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+EVAL_SPLITS = ("validation", "test")  # --eval_split values
+EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,13 +592,44 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
 # --------------------------------------------------------------------------------------------------
 # Evaluation: greedy (or the checkpoint's own) decoding on held-out articles, ROUGE F1 with 95% CIs
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict]]:
-    """Greedy summaries of the held-out articles (split across processes), scored with ROUGE F1.
+def evaluation_settings(model, tokenizer, config: Config):
+    """Decoding for evaluation: greedy (the rollout's settings without sampling), or with --eval_decoding=checkpoint
+    the model's own generation_config (num_beams, length_penalty, no_repeat_ngram_size, min/max_length,
+    early_stopping, forced tokens), as papers report it, e.g. facebook/bart-large-cnn's 4 beams."""
+    if config.eval_decoding == "greedy":
+        return generation_settings(model, tokenizer, config, sample=False)
+    import copy
 
-    Returns (metrics with rouge1, rouge2, rougeL, rougeLsum, gen_length and ref_length in words, examples).
+    settings = copy.deepcopy(model.generation_config)
+    if settings.pad_token_id is None:
+        settings.pad_token_id = tokenizer.pad_token_id
+    if settings.eos_token_id is None:
+        settings.eos_token_id = tokenizer.eos_token_id
+    return settings
+
+
+def score_summaries(predictions: list[str], references: list[str], seed: int) -> tuple[dict, dict[str, list[float]]]:
+    """ROUGE-1/2/L/Lsum F1 of each summary, and the metrics: each mean with <key>_ci_low / <key>_ci_high.
+
+    Returns (metrics, per-article scores). Every interval uses the same seed, so it reproduces.
     """
-    settings = generation_settings(policy, tokenizer, config, sample=False)
+    scores = rouge_f1(predictions, references)
+    metrics = {}
+    for key, values in scores.items():
+        metrics[key] = float(np.mean(values))
+        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = bootstrap_ci(values, seed)
+    return metrics, scores
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict], list[dict]]:
+    """Summaries of the held-out articles (split across processes; decoding by evaluation_settings), scored with
+    ROUGE F1.
+
+    Returns (metrics: rouge1, rouge2, rougeL, rougeLsum with 95% bootstrap intervals, gen_length and ref_length
+    in words, distinct_fraction; examples; per-article records: index, reference, prediction and scores).
+    """
+    settings = evaluation_settings(policy, tokenizer, config)
     mine = list(range(dist.rank, len(held_out), dist.world_size))
     predictions = []
     for start in range(0, len(mine), config.eval_batch_size):
@@ -602,14 +640,15 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
         predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
     predictions = dist.gather_in_order(list(zip(mine, predictions)))
     articles, references = held_out[config.text_column], held_out[config.summary_column]
-    scores = rouge_f1(predictions, references)
-    metrics = {key: float(np.mean(values)) for key, values in scores.items()}
+    metrics, scores = score_summaries(predictions, references, config.seed)
     metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
     metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
     metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
     examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
                 for i in range(min(config.num_examples, len(predictions)))]
-    return metrics, examples
+    per_article = [{"index": i, "reference": references[i], "prediction": predictions[i],
+                    **{key: scores[key][i] for key in ROUGE_KEYS}} for i in range(len(predictions))]
+    return metrics, examples, per_article
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,6 +671,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
 
     if dist.is_main:
         prepare_output_dir(config, log)
+        ensure_punkt()
     dist.barrier()
     if config.demo or config.benchmark:
         config = prepare_demo(config, dist, log, given)
@@ -673,7 +713,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
         if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
-            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl"):
+            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl"):
                 keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
         log(f"resumed from {checkpoints[-1]} at step {state.step}")
     else:
@@ -843,8 +883,24 @@ def validate_config(config: Config) -> None:
         (config.loss_type in LOSS_TYPES, f"--loss_type must be one of {', '.join(LOSS_TYPES)}"),
         (config.max_new_tokens >= 1 and config.max_source_length >= 1, "--max_new_tokens and --max_source_length must be >= 1"),
         (config.max_steps >= 0 and config.sft_steps >= 0, "--max_steps and --sft_steps must be >= 0"),
-        (min(config.eval_every, config.save_every, config.eval_samples, config.eval_batch_size, config.sft_batch_size) >= 1,
-         "--eval_every, --save_every, --eval_samples, --eval_batch_size and --sft_batch_size must be >= 1"),
+        (min(config.eval_every, config.save_every, config.eval_batch_size, config.sft_batch_size) >= 1,
+         "--eval_every, --save_every, --eval_batch_size and --sft_batch_size must be >= 1"),
+        (config.eval_samples >= 0, "--eval_samples must be >= 0 (0 turns held-out evaluation off)"),
+        (config.eval_split in EVAL_SPLITS, f"--eval_split must be one of {', '.join(EVAL_SPLITS)}"),
+        (config.eval_decoding in EVAL_DECODINGS, f"--eval_decoding must be one of {', '.join(EVAL_DECODINGS)}"),
+        (config.eval_only or config.eval_split == "validation",
+         "--eval_split=test needs --eval_only=True: training picks best/ on validation; score test after training"),
+        ((config.eval_only and config.eval_split == "test") or not config.test_file,
+         "--test_file is read only with --eval_only=True --eval_split=test"),
+        (not (config.eval_only and config.eval_split == "test" and config.validation_file),
+         "--eval_only=True --eval_split=test scores --test_file (or the hub test split), not --validation_file"),
+        (not config.eval_only or not config.train_file,
+         "--eval_only=True reads no training data: pass the articles to score as --validation_file or --test_file"),
+        (not config.eval_only or config.eval_samples >= 1,
+         "--eval_only=True needs --eval_samples >= 1, or leave it out to score every article of the split"),
+        (not config.eval_only or not (config.demo or config.benchmark or config.resume),
+         "--eval_only=True cannot be combined with --demo, --benchmark or --resume"),
+        (not config.demo or config.eval_samples >= 1, "--demo needs --eval_samples >= 1: it reports held-out ROUGE"),
         (config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1"),
         (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
         (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
@@ -927,7 +983,11 @@ def load_data(config: Config, log) -> tuple["datasets.Dataset", "datasets.Datase
     columns = (config.text_column, config.summary_column)
     if config.train_file:
         train = prepare_split(load_local_file(config.train_file, columns), config, "train", log)
-        if config.validation_file:
+        if config.eval_samples == 0:  # no held-out evaluation
+            if config.validation_file:
+                log("--eval_samples=0: held-out evaluation is off, so --validation_file is not read")
+            held_out = train.select(range(0))
+        elif config.validation_file:
             held_out = prepare_split(load_local_file(config.validation_file, columns), config, "validation", log)
         else:
             if len(train) < 2:
@@ -943,8 +1003,31 @@ def load_data(config: Config, log) -> tuple["datasets.Dataset", "datasets.Datase
             raise UserError(f"could not load dataset {config.dataset_name!r} ({str(error).splitlines()[0]}); "
                             f"offline, pass --train_file/--validation_file, or set HF_ENDPOINT to a mirror") from None
         train = prepare_split(hub["train"], config, "train", log)
-        held_out = prepare_split(hub["validation"], config, "validation", log)
+        held_out = prepare_split(hub["validation"], config, "validation", log) if config.eval_samples else hub["validation"]
     return train, held_out.select(range(min(config.eval_samples, len(held_out))))
+
+
+def load_eval_split(config: Config, given: set[str], log) -> "datasets.Dataset":
+    """The articles --eval_only=True scores: --validation_file or --test_file (by --eval_split), else that split
+    of the hub dataset. All its rows, unless --eval_samples was given: then the first eval_samples of them.
+
+    Rows with an empty article or summary are skipped first (and counted), as in training.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    local = config.validation_file if config.eval_split == "validation" else config.test_file
+    if local:
+        data = load_local_file(local, (config.text_column, config.summary_column))
+    else:
+        try:
+            data = datasets.load_dataset(config.dataset_name, config.dataset_config, split=config.eval_split)
+        except Exception as error:
+            raise UserError(f"could not load the {config.eval_split} split of {config.dataset_name!r} "
+                            f"({str(error).splitlines()[0]}); offline, pass --validation_file or --test_file, "
+                            f"or set HF_ENDPOINT to a mirror") from None
+    data = prepare_split(data, config, config.eval_split, log)
+    return data.select(range(min(config.eval_samples, len(data)))) if "eval_samples" in given else data
 
 
 @lru_cache(maxsize=2)
@@ -973,6 +1056,131 @@ def tokenize_articles(tokenizer, articles: list[str], config: Config, device) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# Evaluation internals: bootstrap confidence intervals, summary quality measures, eval-only mode
+# --------------------------------------------------------------------------------------------------
+BOOTSTRAP_RESAMPLES = 1000  # resamples of the articles for every bootstrap confidence interval
+CONFIDENCE_LEVEL = 0.95  # coverage of the bootstrap intervals (percentiles 2.5 and 97.5)
+
+
+def bootstrap_ci(scores, seed: int, num_resamples: int = BOOTSTRAP_RESAMPLES,
+                 confidence: float = CONFIDENCE_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-article scores (Efron & Tibshirani 1993, ch. 13).
+
+    scores (n,). Draw b = 1..R resamples of n articles with replacement (seeded), mean_b = mean of resample b;
+    the interval is the (1 - c)/2 and (1 + c)/2 quantiles of mean_1..mean_R (c = confidence).
+    """
+    scores = np.asarray(scores, dtype=np.float64)  # (n,)
+    if scores.size == 0:
+        raise ValueError("bootstrap_ci needs at least one score")
+    generator = np.random.default_rng(seed)
+    means = np.empty(num_resamples)  # (R,)
+    chunk = max(1, 2_000_000 // scores.size)  # resamples per chunk: at most ~2M indices in memory
+    for start in range(0, num_resamples, chunk):
+        count = min(chunk, num_resamples - start)
+        means[start:start + count] = scores[generator.integers(0, scores.size, size=(count, scores.size))].mean(axis=1)
+    low, high = np.percentile(means, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def paired_bootstrap(before, after, seed: int, num_resamples: int = BOOTSTRAP_RESAMPLES,
+                     confidence: float = CONFIDENCE_LEVEL) -> tuple[float, float, float]:
+    """Mean paired difference "after minus before" on the same articles, and its percentile bootstrap interval.
+
+    before, after (n,): scores of the same n articles. d_i = after_i - before_i; returns (mean(d), low, high)
+    with (low, high) = bootstrap_ci(d): the articles are resampled together, so the interval reflects the
+    article-to-article variation of the change, not of the scores. Identical scores give (0, 0, 0).
+    """
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape:
+        raise ValueError(f"paired_bootstrap needs scores of the same articles: {before.shape} vs {after.shape}")
+    differences = after - before  # (n,)
+    return (float(differences.mean()), *bootstrap_ci(differences, seed, num_resamples, confidence))
+
+
+def paired_change(before: list[dict], after: list[dict], seed: int) -> dict:
+    """For each ROUGE key: the mean change "after minus before" on the same articles and its 95% paired bootstrap
+    interval, from two evaluations' per-article records (as in eval_predictions.jsonl)."""
+    if [r["index"] for r in before] != [r["index"] for r in after]:
+        raise ValueError("paired_change needs the same articles in the same order")
+    change = {}
+    for key in ROUGE_KEYS:
+        mean, low, high = paired_bootstrap([r[key] for r in before], [r[key] for r in after], seed)
+        change.update({f"{key}_change": mean, f"{key}_change_ci_low": low, f"{key}_change_ci_high": high})
+    return change
+
+
+def format_scores(metrics: dict) -> str:
+    """One line for the log: each ROUGE score with its 95% interval, then the other numbers."""
+    parts = [f"{key}={metrics[key]:.4f} [{metrics[f'{key}_ci_low']:.4f}, {metrics[f'{key}_ci_high']:.4f}]"
+             for key in ROUGE_KEYS]
+    parts += [f"{key}={value:.4f}" for key, value in metrics.items()
+              if key not in ROUGE_KEYS and not key.endswith(("_ci_low", "_ci_high")) and isinstance(value, float)]
+    return " ".join(parts)
+
+
+def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
+    """--eval_only=True: score --model_name on --eval_split, with no training data, reference model or optimizer.
+
+    Appends one line to eval.jsonl and writes every article (index, reference, prediction, scores) to
+    eval_predictions.jsonl, which it never overwrites.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
+        raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
+                          "model's generation_config sets it (max_length): drop --max_new_tokens")
+    predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
+    if os.path.exists(predictions_path):
+        raise UserError(f"{predictions_path} exists from an earlier evaluation; pass another --output_dir "
+                        "(or move that file away) so it is not overwritten")
+    dist = setup_distributed(config)
+    from tqdm import tqdm
+
+    def log(message: str) -> None:
+        if dist.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+    if dist.is_main:
+        try:
+            os.makedirs(config.output_dir, exist_ok=True)
+            open(predictions_path + ".tmp", "w").close()
+            os.remove(predictions_path + ".tmp")
+        except OSError as error:
+            raise UserError(f"cannot write to --output_dir={config.output_dir} ({error.strerror})") from None
+        ensure_punkt()
+    dist.barrier()
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)  # only a checkpoint whose generation_config samples draws random numbers
+    held_out = load_eval_split(config, given, log)
+    policy, tokenizer = load_policy_and_tokenizer(config, dist.device)
+    policy.eval()
+    settings = evaluation_settings(policy, tokenizer, config)
+    data = (config.validation_file if config.eval_split == "validation" else config.test_file) or \
+        f"{config.dataset_name} {config.dataset_config}"
+    log(f"eval-only: {config.model_name} on {len(held_out)} articles of {data} ({config.eval_split}), "
+        f"{config.eval_decoding} decoding")
+    metrics, _, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    generation = {key: getattr(settings, key, None) for key in (
+        "num_beams", "do_sample", "length_penalty", "no_repeat_ngram_size", "min_length", "max_length",
+        "max_new_tokens", "early_stopping", "forced_bos_token_id", "forced_eos_token_id")}
+    record = dict(model=config.model_name, data=data, eval_split=config.eval_split, articles=len(per_article),
+                  max_source_length=config.max_source_length, eval_decoding=config.eval_decoding,
+                  generation=generation, sentence_splitter=sentence_splitter(), seed=config.seed, **metrics)
+    if dist.is_main:
+        with open(predictions_path + ".tmp", "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(row) + "\n" for row in per_article)
+        os.replace(predictions_path + ".tmp", predictions_path)
+        append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), record)
+    log(f"eval-only: {format_scores(metrics)}")
+    log(f"written: {config.output_dir}/eval.jsonl (scores, {CONFIDENCE_LEVEL:.0%} bootstrap CIs) and "
+        f"{predictions_path} (every article)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Run files: output dir, saved config, checkpoints (atomic, the last few kept, exact resume), logs
 # --------------------------------------------------------------------------------------------------
 def prepare_output_dir(config: Config, log) -> None:
@@ -986,7 +1194,8 @@ def prepare_output_dir(config: Config, log) -> None:
         raise UserError(f"cannot write to --output_dir={config.output_dir} ({error.strerror})") from None
     if config.resume:
         return
-    stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "checkpoints", "best", "final",
+    stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl",
+                               "checkpoints", "best", "final",
                                "reference", "curves.png") if os.path.exists(os.path.join(config.output_dir, name))]
     if stale:
         log(f"starting a fresh run in {config.output_dir}: replacing {', '.join(stale)} "
@@ -997,16 +1206,36 @@ def prepare_output_dir(config: Config, log) -> None:
 
 
 def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: TrainerState, log) -> dict:
-    """Evaluate, append to eval.jsonl and eval_examples.jsonl, and refresh best/ when best_metric improves."""
-    metrics, examples = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    """Evaluate, append to eval.jsonl, eval_examples.jsonl and eval_predictions.jsonl, and refresh best/ when
+    best_metric improves. The last step also gets the paired bootstrap of the change since step 0 (GRPO's start).
+    Nothing with --eval_samples=0."""
+    if len(held_out) == 0:
+        return {}
+    metrics, examples, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    metrics.update(articles=len(per_article), eval_decoding=config.eval_decoding, sentence_splitter=sentence_splitter())
+    predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
+    if dist.is_main and step == config.max_steps and step > 0 and os.path.exists(predictions_path):
+        with open(predictions_path, encoding="utf-8") as file:
+            before = [record for record in map(json.loads, file) if record["step"] == 0]
+        if len(before) == len(per_article):
+            metrics.update(change_from_step=0, **paired_change(before, per_article, config.seed))
+            log(f"after GRPO minus before (step 0), paired bootstrap on the same {len(before)} articles, "
+                f"{CONFIDENCE_LEVEL:.0%} CI: " + " ".join(
+                    f"{key} {metrics[f'{key}_change']:+.4f} [{metrics[f'{key}_change_ci_low']:+.4f}, "
+                    f"{metrics[f'{key}_change_ci_high']:+.4f}]" for key in ROUGE_KEYS))
+        else:
+            log(f"note: no paired before/after comparison: step 0 scored {len(before)} articles, this evaluation "
+                f"{len(per_article)}")
     if dist.is_main:
         append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), {"step": step, **metrics})
         for example in examples:
             append_jsonl(os.path.join(config.output_dir, "eval_examples.jsonl"), {"step": step, **example})
+        with open(predictions_path, "a", encoding="utf-8") as file:
+            file.writelines(json.dumps({"step": step, **record}) + "\n" for record in per_article)
         if metrics[config.best_metric] > state.best_score:
             save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "best"))
     state.best_score = max(state.best_score, metrics[config.best_metric])
-    log(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    log(f"eval step {step}: " + format_scores(metrics))
     return metrics
 
 
@@ -1250,6 +1479,46 @@ def have_punkt() -> bool:
         print("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "
               "(install it with: python -m nltk.downloader punkt_tab)", file=sys.stderr)
         return False
+
+
+PUNKT_DOWNLOAD_SECONDS = 30  # longest wait for nltk to fetch punkt_tab before ROUGE-Lsum falls back to the regex
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for no network (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE set)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def sentence_splitter() -> str:
+    """The splitter ROUGE-Lsum uses in this process, as recorded in eval.jsonl: "punkt_tab" or "regex"."""
+    return "punkt_tab" if have_punkt() else "regex"
+
+
+def ensure_punkt(timeout: float = PUNKT_DOWNLOAD_SECONDS) -> str:
+    """Fetch nltk's punkt_tab once if it is missing (as Hugging Face's run_summarization does), then the splitter.
+
+    Never tried when the HF offline variables are set; the download runs in a background thread and is waited
+    for at most `timeout` seconds, so an unreachable network never stalls a run. On failure the regex
+    splitter is used and have_punkt says so once.
+    """
+    try:
+        import nltk
+
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except ImportError:
+        return sentence_splitter()
+    except LookupError:
+        if not hub_offline():
+            import io
+            import threading
+
+            fetch = threading.Thread(target=nltk.download, args=("punkt_tab",), daemon=True,
+                                     kwargs=dict(quiet=True, raise_on_error=False, print_error_to=io.StringIO()))
+            fetch.start()
+            fetch.join(timeout)
+        have_punkt.cache_clear()
+    return sentence_splitter()
 
 
 def split_sentences(text: str) -> list[str]:
@@ -1603,7 +1872,9 @@ def report_demo(config: Config) -> None:
           f"(GRPO started from the SFT checkpoint at step {before['step']}):")
     print(f"{'metric':<18}{'before GRPO':>12}{'after GRPO':>12}{'change':>10}")
     for key in (*ROUGE_KEYS, "gen_length", "distinct_fraction"):
-        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+10.4f}")
+        interval = (f"  paired 95% CI [{after[f'{key}_change_ci_low']:+.4f}, {after[f'{key}_change_ci_high']:+.4f}]"
+                    if f"{key}_change_ci_low" in after else "")
+        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+10.4f}{interval}")
     print(f"{'reference length':<18}{after['ref_length']:>12.1f} words")
     first = [e for e in examples if e["step"] == before["step"]]
     last = [e for e in examples if e["step"] == after["step"]]
@@ -1724,7 +1995,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, given = parse_args(argv)
         validate_config(config)
-        return train(config, given)
+        return evaluate_only(config, given) if config.eval_only else train(config, given)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -121,6 +121,11 @@ def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, 
     assert set(examples) == {0, 2, 4, 6} and len(set(examples.values())) == 1, examples  # no evaluation twice
     for ours, theirs in zip(read_jsonl(out / "eval.jsonl"), read_jsonl(straight_run / "eval.jsonl")):
         assert ours["rougeL"] == pytest.approx(theirs["rougeL"], rel=1e-6, abs=1e-9), ours["step"]
+    # eval_predictions.jsonl: each article once per evaluation after the resume, and the paired change at the end
+    # (read from the step-0 lines the killed run wrote) is the straight run's
+    assert Counter(p["step"] for p in read_jsonl(out / "eval_predictions.jsonl")) == {0: 4, 2: 4, 4: 4, 6: 4}
+    assert read_jsonl(out / "eval.jsonl")[-1]["rougeL_change"] == pytest.approx(
+        read_jsonl(straight_run / "eval.jsonl")[-1]["rougeL_change"], rel=1e-6, abs=1e-9)
 
     from safetensors.torch import load_file
 
