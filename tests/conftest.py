@@ -65,12 +65,6 @@ def data_args(data_files) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def script_runner():
-    """The run_script helper, as a fixture for tests that prefer injection over import."""
-    return run_script
-
-
-@pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
     """A 1+1-layer T5 (d_model 32) with the ByT5 byte tokenizer, saved like a hub checkpoint."""
     import torch

@@ -1,10 +1,6 @@
 """Command-line parsing, config validation and main()'s exit codes for bad flags."""
 
 import dataclasses
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 

@@ -5,10 +5,6 @@ here, not by re-running the script's formula).
 """
 
 import math
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 import torch

@@ -1,17 +1,14 @@
 """The ROUGE reward against rouge_score itself, sentence splitting without punkt, and a silent import."""
 
-import os
 import random
 import subprocess
 import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import pytest
 from rouge_score import rouge_scorer
 
 import grpo_encoder_decoder_summarization as grpo
+from conftest import ROOT
 
 KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
@@ -242,7 +239,7 @@ def test_rouge_f1_without_punkt_matches_rouge_score(no_punkt):
 
 def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import grpo_encoder_decoder_summarization"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert result.stderr == ""
