@@ -160,8 +160,14 @@ PREDICTIONS = ["The council voted for a bridge.", "Cats sat on mats. Dogs ran.",
 REFERENCES = ["Council approves new bridge. Work starts in 2026."] * 3 + ["The cat sat on the mat."] * 2
 
 
-def test_rouge_rewards_default_is_mean_of_rouge1_rouge2_rougelsum():
-    rewards = grpo.rouge_rewards(PREDICTIONS, REFERENCES)
+def test_rouge_rewards_default_weights_are_configs():
+    """Without weights, rouge_rewards uses Config()'s rouge*_weight flags (read here, not restated)."""
+    default = grpo.rouge_rewards(PREDICTIONS, REFERENCES)
+    assert default == grpo.rouge_rewards(PREDICTIONS, REFERENCES, grpo.reward_weights(grpo.Config()))
+
+
+def test_rouge_rewards_mean_of_rouge1_rouge2_rougelsum():
+    rewards = grpo.rouge_rewards(PREDICTIONS, REFERENCES, {"rouge1": 1 / 3, "rouge2": 1 / 3, "rougeLsum": 1 / 3})
     scores = grpo.rouge_f1(PREDICTIONS, REFERENCES)
     assert len(rewards) == len(PREDICTIONS)
     for i, reward in enumerate(rewards):
@@ -187,8 +193,11 @@ def test_rouge_rewards_respects_weights():
 def test_reward_weights_from_config_are_normalized():
     config = grpo.Config(rouge1_weight=2.0, rouge2_weight=0.0, rougeL_weight=1.0, rougeLsum_weight=1.0)
     assert grpo.reward_weights(config) == {"rouge1": 0.5, "rouge2": 0.0, "rougeL": 0.25, "rougeLsum": 0.25}
-    assert grpo.reward_weights(grpo.Config()) == pytest.approx(
-        {"rouge1": 1 / 3, "rouge2": 1 / 3, "rougeL": 0.0, "rougeLsum": 1 / 3})
+    # whatever the defaults are: they sum to 1, and scaling every weight changes nothing
+    defaults = grpo.Config()
+    assert sum(grpo.reward_weights(defaults).values()) == pytest.approx(1.0)
+    doubled = grpo.Config(**{f"{key}_weight": 2 * getattr(defaults, f"{key}_weight") for key in KEYS})
+    assert grpo.reward_weights(doubled) == pytest.approx(grpo.reward_weights(defaults))
 
 
 def test_rouge_rewards_and_f1_reject_mismatched_lengths():
