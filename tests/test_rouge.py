@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 import grpo_encoder_decoder_summarization as grpo
 from conftest import ROOT
 
-KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+KEYS = grpo.ROUGE_KEYS
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
 # A small vocabulary so that words repeat a lot (many LCS ties); stems collide (run/runs/running).
 WORDS = ("the cat cats dog dogs run runs running ran a an on in mat sat sits quickly quick "
