@@ -183,7 +183,7 @@ def test_save_checkpoint_is_atomic_rotates_and_round_trips(grpo, tmp_path):
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 3
 
 
-def test_keep_checkpoints_one_and_best_model(straight_run, tiny_bart_dir):
+def test_keep_checkpoints_one_and_best_model(grpo, straight_run, tiny_bart_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -199,19 +199,49 @@ def test_keep_checkpoints_one_and_best_model(straight_run, tiny_bart_dir):
     text = "The council of Ashgrove voted on Monday."
     assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_bart_dir)(text)["input_ids"]
 
-    # best/ is refreshed only when the metric strictly improves, so it holds the model of the first evaluation
-    # with the highest rougeL. Where that model is also kept elsewhere (step 0: reference/, the policy after SFT;
-    # step 6: final/), the weights must match.
+    # best/ is refreshed only when best_metric strictly improves, so it holds the model of the first evaluation
+    # with the highest score. This seeded run is deterministic, and that evaluation is one whose model is also
+    # kept elsewhere (step 0: reference/, the policy after SFT; step 6: final/): the weights must match.
+    # (test_best_model_is_refreshed_only_on_strict_improvement covers the other steps.)
     evals = read_jsonl(straight_run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 4, 6]
-    scores = [e["rougeL"] for e in evals]
+    scores = [e[grpo.Config().best_metric] for e in evals]
     best_step = evals[scores.index(max(scores))]["step"]
-    twin = {0: straight_run / "reference", 6: straight_run / "final"}.get(best_step)
-    if twin is not None:
-        ours, theirs = load_file(best / "model.safetensors"), load_file(twin / "model.safetensors")
-        assert ours.keys() == theirs.keys()
-        for name in ours:
-            assert torch.equal(ours[name], theirs[name]), (best_step, name)
+    twins = {0: straight_run / "reference", 6: straight_run / "final"}
+    assert best_step in twins, f"best step {best_step} (scores {scores}) has no copy to compare with: change the run"
+    ours, theirs = load_file(best / "model.safetensors"), load_file(twins[best_step] / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), (best_step, name)
+
+
+def test_best_model_is_refreshed_only_on_strict_improvement(grpo, tiny_bart_dir, tmp_path, monkeypatch):
+    """record_evaluation with scripted scores: best/ holds the weights of the first evaluation with the highest
+    score (a tie does not replace it), whichever step that is, and best_score follows the maximum."""
+    from safetensors.torch import load_file
+
+    config = grpo.Config(model_name=str(tiny_bart_dir), output_dir=str(tmp_path), device="cpu")
+    policy, tokenizer = grpo.load_policy_and_tokenizer(config, torch.device("cpu"))
+    scores = {0: 0.1, 2: 0.3, 4: 0.3, 6: 0.2}  # the best is step 2; step 4 ties it
+    current_step, weights, state = [0], {}, grpo.TrainerState()
+    monkeypatch.setattr(grpo, "evaluate", lambda policy, tokenizer, held_out, config, device, dist: (
+        {key: scores[current_step[0]] for key in grpo.ROUGE_KEYS}, []))
+    for step in scores:
+        current_step[0] = step
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                parameter.add_(1.0)  # a different model at every evaluation
+        weights[step] = {k: v.clone() for k, v in policy.state_dict().items()}
+        grpo.record_evaluation(config, grpo.Distributed(), step, policy, tokenizer, None, state, log=lambda m: None)
+    assert state.best_score == 0.3
+    assert [e["step"] for e in read_jsonl(tmp_path / "eval.jsonl")] == [0, 2, 4, 6]
+    saved = load_file(tmp_path / "best" / "model.safetensors")
+    parameters = {name for name, _ in policy.named_parameters()} & saved.keys()  # not buffers (final_logits_bias)
+    assert parameters
+    for name in saved:
+        assert torch.equal(saved[name], weights[2][name]), name
+    for name in parameters:
+        assert not torch.equal(saved[name], weights[4][name]), name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,11 +416,14 @@ def test_sampling_ignores_the_checkpoints_generation_defaults(grpo, tiny_bart_di
 # --------------------------------------------------------------------------------------------------
 # 6. trust_remote_code is off unless asked for
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, expected", [([], False), (["--trust_remote_code=True"], True),
+@pytest.mark.parametrize("flags, expected", [([], None), (["--trust_remote_code=True"], True),
                                              (["--trust_remote_code=False"], False)],
                          ids=["default", "true", "false"])
 def test_trust_remote_code_is_passed_explicitly(grpo, tiny_bart_dir, monkeypatch, flags, expected):
     import transformers
+
+    if expected is None:  # no flag: Config's default, whatever it is set to at the top of the script
+        expected = grpo.Config().trust_remote_code
 
     calls: dict[str, list[dict]] = {}
 
