@@ -58,6 +58,32 @@ def check_ok(result) -> None:
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def assert_resumed_run_matches(resumed, straight, resumed_at: int) -> None:
+    """A run resumed at step `resumed_at` logged the numbers of a run that was never stopped and ended with the
+    same weights: metrics.jsonl (reward_mean, loss, kl, lr, completion_length) and eval.jsonl step by step, to
+    rel 1e-6, and final/ to rtol 1e-6. The policy must move after the resume (kl > 0), or equal numbers say nothing.
+    """
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    ours, theirs = read_jsonl(Path(resumed) / "metrics.jsonl"), read_jsonl(Path(straight) / "metrics.jsonl")
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] == list(range(1, len(theirs) + 1))
+    for mine, other in zip(ours, theirs):
+        for key in ("reward_mean", "loss", "kl", "lr", "completion_length"):
+            assert mine[key] == pytest.approx(other[key], rel=1e-6, abs=1e-12), (mine["step"], key)
+    assert any(m["kl"] > 0 for m in ours[resumed_at:]), "the policy never moved: the comparison would be vacuous"
+    ours, theirs = read_jsonl(Path(resumed) / "eval.jsonl"), read_jsonl(Path(straight) / "eval.jsonl")
+    assert [e["step"] for e in ours] == [e["step"] for e in theirs]
+    for mine, other in zip(ours, theirs):
+        assert mine == pytest.approx(other, rel=1e-6, abs=1e-12), mine["step"]
+    weights_a = load_file(Path(straight) / "final" / "model.safetensors")
+    weights_b = load_file(Path(resumed) / "final" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def data_args(data_files) -> tuple[str, str]:
     """--train_file and --validation_file flags for the data_files fixture."""
     train, validation = data_files

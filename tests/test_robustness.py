@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPT, check_ok, data_args, read_jsonl, run_script, subprocess_env
+from conftest import SCRIPT, assert_resumed_run_matches, check_ok, data_args, read_jsonl, run_script, subprocess_env
 
 TINY = ("--batch_size=2", "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--max_source_length=64",
         "--eval_samples=4", "--device=cpu")
@@ -62,7 +62,6 @@ def wait_for(condition, process: subprocess.Popen, what: str, stderr_path: Path)
 # every step), and an SFT phase so that pi_ref differs from the base model and the rewards are not all zero.
 EXACT_ARGS = (*TINY, "--max_steps=6", "--save_every=2", "--eval_every=2", "--learning_rate=1e-3",
               "--warmup_steps=1", "--sft_steps=2", "--sft_batch_size=4", "--sft_learning_rate=1e-2", "--seed=5")
-COMPARED = ("reward_mean", "loss", "kl", "lr", "completion_length")
 
 
 @pytest.fixture(scope="module")
@@ -107,28 +106,13 @@ def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, 
     check_ok(result)
     assert "resumed from" in result.stderr and "step_00000002.pt at step 2" in result.stderr, result.stderr
 
-    resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(straight_run / "metrics.jsonl")
+    resumed = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [m["step"] for m in straight] == [1, 2, 3, 4, 5, 6]
-    for ours, theirs in zip(resumed, straight):
-        for key in COMPARED:
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (ours["step"], key)
     assert len({m["lr"] for m in resumed}) > 1, "the schedule never changed: the lr comparison would be vacuous"
-    assert any(m["kl"] > 0 for m in resumed[2:]), "the policy never moved: the comparison would be vacuous"
-
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 4, 6]
     examples = Counter(e["step"] for e in read_jsonl(out / "eval_examples.jsonl"))
     assert set(examples) == {0, 2, 4, 6} and len(set(examples.values())) == 1, examples  # no evaluation twice
-    for ours, theirs in zip(read_jsonl(out / "eval.jsonl"), read_jsonl(straight_run / "eval.jsonl")):
-        assert ours["rougeL"] == pytest.approx(theirs["rougeL"], rel=1e-6, abs=1e-9), ours["step"]
-
-    from safetensors.torch import load_file
-
-    weights_a = load_file(straight_run / "final" / "model.safetensors")
-    weights_b = load_file(out / "final" / "model.safetensors")
-    assert weights_a.keys() == weights_b.keys()
-    for name in weights_a:
-        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert_resumed_run_matches(out, straight_run, resumed_at=2)
 
 
 # --------------------------------------------------------------------------------------------------
