@@ -110,7 +110,8 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bart_dir(tmp_path_factory, grpo) -> Path:
-    """A 1+1-layer BART (d_model 32) with a word-level tokenizer trained offline on the synthetic corpus."""
+    """The demo's BART (grpo.build_demo_model: its token ids and architecture), shrunk to 1+1 layers of d_model 32
+    without dropout, with the script's word-level tokenizer trained offline on the synthetic corpus."""
     import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -118,12 +119,11 @@ def tiny_bart_dir(tmp_path_factory, grpo) -> Path:
     rows = grpo.make_synthetic_corpus(200, seed=0)
     texts = [r["article"] for r in rows] + [r["highlights"] for r in rows]
     tokenizer = grpo.build_word_tokenizer(texts, str(directory), "bart")
-    config = BartConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        forced_bos_token_id=tokenizer.bos_token_id, dropout=0.0)
+    grpo.build_demo_model(str(directory), tokenizer, seed=0)
+    config = BartConfig.from_pretrained(directory)
+    # only the sizes change (smaller: faster tests; no dropout: SFT steps compare exactly across runs)
+    config.update(dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0))
     torch.manual_seed(0)
     BartForConditionalGeneration(config).save_pretrained(directory)
     return directory
