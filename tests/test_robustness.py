@@ -58,10 +58,11 @@ def wait_for(condition, process: subprocess.Popen, what: str, stderr_path: Path)
 # --------------------------------------------------------------------------------------------------
 # 1. Exact resume after SIGKILL
 # --------------------------------------------------------------------------------------------------
-# A learning rate large enough to move the policy, the default linear schedule with one warm-up step (so lr changes
+# A learning rate large enough to move the policy, a linear schedule with one warm-up step (so lr changes
 # every step), and an SFT phase so that pi_ref differs from the base model and the rewards are not all zero.
 EXACT_ARGS = (*TINY, "--max_steps=6", "--save_every=2", "--eval_every=2", "--learning_rate=1e-3",
-              "--warmup_steps=1", "--sft_steps=2", "--sft_batch_size=4", "--sft_learning_rate=1e-2", "--seed=5")
+              "--lr_scheduler=linear", "--warmup_steps=1", "--sft_steps=2", "--sft_batch_size=4",
+              "--sft_learning_rate=1e-2", "--seed=5")
 
 
 @pytest.fixture(scope="module")
