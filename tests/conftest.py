@@ -58,16 +58,36 @@ def check_ok(result) -> None:
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def assert_resumed_run_matches(resumed, straight, resumed_at: int) -> None:
+    """A run resumed at step `resumed_at` logged the numbers of a run that was never stopped and ended with the
+    same weights: metrics.jsonl (reward_mean, loss, kl, lr, completion_length) and eval.jsonl step by step, to
+    rel 1e-6, and final/ to rtol 1e-6. The policy must move after the resume (kl > 0), or equal numbers say nothing.
+    """
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    ours, theirs = read_jsonl(Path(resumed) / "metrics.jsonl"), read_jsonl(Path(straight) / "metrics.jsonl")
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] == list(range(1, len(theirs) + 1))
+    for mine, other in zip(ours, theirs):
+        for key in ("reward_mean", "loss", "kl", "lr", "completion_length"):
+            assert mine[key] == pytest.approx(other[key], rel=1e-6, abs=1e-12), (mine["step"], key)
+    assert any(m["kl"] > 0 for m in ours[resumed_at:]), "the policy never moved: the comparison would be vacuous"
+    ours, theirs = read_jsonl(Path(resumed) / "eval.jsonl"), read_jsonl(Path(straight) / "eval.jsonl")
+    assert [e["step"] for e in ours] == [e["step"] for e in theirs]
+    for mine, other in zip(ours, theirs):
+        assert mine == pytest.approx(other, rel=1e-6, abs=1e-12), mine["step"]
+    weights_a = load_file(Path(straight) / "final" / "model.safetensors")
+    weights_b = load_file(Path(resumed) / "final" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def data_args(data_files) -> tuple[str, str]:
     """--train_file and --validation_file flags for the data_files fixture."""
     train, validation = data_files
     return f"--train_file={train}", f"--validation_file={validation}"
-
-
-@pytest.fixture(scope="session")
-def script_runner():
-    """The run_script helper, as a fixture for tests that prefer injection over import."""
-    return run_script
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +110,8 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bart_dir(tmp_path_factory, grpo) -> Path:
-    """A 1+1-layer BART (d_model 32) with a word-level tokenizer trained offline on the synthetic corpus."""
+    """The demo's BART (grpo.build_demo_model: its token ids and architecture), shrunk to 1+1 layers of d_model 32
+    without dropout, with the script's word-level tokenizer trained offline on the synthetic corpus."""
     import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -98,12 +119,11 @@ def tiny_bart_dir(tmp_path_factory, grpo) -> Path:
     rows = grpo.make_synthetic_corpus(200, seed=0)
     texts = [r["article"] for r in rows] + [r["highlights"] for r in rows]
     tokenizer = grpo.build_word_tokenizer(texts, str(directory), "bart")
-    config = BartConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        forced_bos_token_id=tokenizer.bos_token_id, dropout=0.0)
+    grpo.build_demo_model(str(directory), tokenizer, seed=0)
+    config = BartConfig.from_pretrained(directory)
+    # only the sizes change (smaller: faster tests; no dropout: SFT steps compare exactly across runs)
+    config.update(dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0))
     torch.manual_seed(0)
     BartForConditionalGeneration(config).save_pretrained(directory)
     return directory

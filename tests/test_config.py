@@ -1,10 +1,6 @@
 """Command-line parsing, config validation and main()'s exit codes for bad flags."""
 
 import dataclasses
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 
@@ -15,14 +11,10 @@ import grpo_encoder_decoder_summarization as grpo
 # parse_args
 # --------------------------------------------------------------------------------------------------
 def test_parse_args_defaults():
+    """No flags: exactly Config()'s defaults (read from Config, so editing a default needs no test change)."""
     config, given = grpo.parse_args([])
     assert given == set()
     assert config == grpo.Config()
-    assert config.group_size == 8 and config.batch_size == 8
-    assert config.beta == 0.04 and config.epsilon == 0.2 and config.epsilon_high is None
-    assert config.loss_type == "grpo" and config.scale_rewards is True
-    assert config.resume is False and config.demo is False
-    assert config.output_dir == "runs/grpo"
 
 
 def test_parse_args_int():
@@ -103,11 +95,13 @@ def test_parse_args_demo_applies_demo_config():
     config, given = grpo.parse_args(["--demo"])
     assert given == {"demo"}
     assert config.demo is True
-    for name, value in grpo.DEMO_CONFIG.items():
-        assert getattr(config, name) == value, name
-    assert config.output_dir == "runs/demo" and config.sft_steps > 0  # the demo's own folder; SFT first
-    # fields DEMO_CONFIG does not name keep their defaults
-    assert config.loss_type == "grpo" and config.epsilon == 0.2
+    defaults = grpo.Config()
+    for field in dataclasses.fields(grpo.Config):
+        if field.name in grpo.DEMO_CONFIG:
+            assert getattr(config, field.name) == grpo.DEMO_CONFIG[field.name], field.name
+        elif field.name != "demo":  # fields DEMO_CONFIG does not name keep their defaults
+            assert getattr(config, field.name) == getattr(defaults, field.name), field.name
+    assert config.output_dir != defaults.output_dir and config.sft_steps > 0  # the demo's own folder; SFT first
 
 
 def test_parse_args_demo_keeps_flags_given_explicitly():
@@ -117,8 +111,11 @@ def test_parse_args_demo_keeps_flags_given_explicitly():
     for name in ("sft_steps", "batch_size", "beta", "learning_rate"):  # the rest from DEMO_CONFIG
         assert getattr(config, name) == grpo.DEMO_CONFIG[name], name
     # a flag given explicitly with its default value still wins over the demo value
-    config, _ = grpo.parse_args(["--demo", "--beta=0.04"])
-    assert config.beta == 0.04
+    defaults = grpo.Config()
+    name, default = next((name, getattr(defaults, name)) for name, value in grpo.DEMO_CONFIG.items()
+                         if value != getattr(defaults, name) and not isinstance(value, bool))
+    config, _ = grpo.parse_args(["--demo", f"--{name}={default}"])
+    assert getattr(config, name) == default, name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,8 +133,8 @@ def test_validate_config_passes_for_defaults_and_demo():
     (dict(epsilon=0.0), "--epsilon"),
     (dict(top_p=0.0), "--top_p"),
     (dict(top_p=1.5), "--top_p"),
-    (dict(micro_batch_size=12), "--micro_batch_size"),  # G = 8
-    (dict(micro_batch_size=4), "--micro_batch_size"),  # fewer than one group
+    (dict(group_size=8, micro_batch_size=12), "--micro_batch_size"),  # not a multiple of G
+    (dict(group_size=8, micro_batch_size=4), "--micro_batch_size"),  # fewer than one group
     (dict(group_size=3, micro_batch_size=16), "--micro_batch_size"),
     (dict(loss_type="ppo"), "--loss_type"),
     (dict(epsilon_high=0.0), "--epsilon_high"),
@@ -153,7 +150,7 @@ def test_validate_config_rejects(changes, flag):
 
 @pytest.mark.parametrize("changes", [
     dict(top_p=1.0), dict(top_p=0.9), dict(beta=0.0), dict(group_size=4, micro_batch_size=4),
-    dict(micro_batch_size=64), dict(epsilon_high=0.28), dict(loss_type="gspo"), dict(device="cuda:1"),
+    dict(group_size=8, micro_batch_size=64), dict(epsilon_high=0.28), dict(loss_type="gspo"), dict(device="cuda:1"),
 ])
 def test_validate_config_accepts(changes):
     grpo.validate_config(dataclasses.replace(grpo.Config(), **changes))

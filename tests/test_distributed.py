@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 
-from conftest import SCRIPT, subprocess_env
+from conftest import SCRIPT, check_ok, read_jsonl, subprocess_env
 
 
 def test_batch_indices_give_each_process_its_own_articles(grpo):
@@ -28,20 +27,20 @@ def test_torchrun_two_processes(tiny_bart_dir, data_files, tmp_path):
                "--max_source_length=64", "--eval_every=2", "--eval_samples=5", "--save_every=2", "--sft_steps=1",
                "--learning_rate=1e-3", f"--output_dir={output_dir}", "--device=cpu"]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_ok(result)
     match = re.search(r"weights identical on all 2 processes \(checksum (\S+)\)", result.stderr)
     assert match, result.stderr[-3000:]
-    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(output_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]  # rank 0 alone writes, one line per step
     assert all(m["articles"] == 2 * 2 for m in metrics)  # 2 processes x batch_size
-    evaluations = [json.loads(line) for line in (output_dir / "eval.jsonl").read_text().splitlines()]
+    evaluations = read_jsonl(output_dir / "eval.jsonl")
     assert [e["step"] for e in evaluations] == [0, 2]
     assert (output_dir / "final" / "config.json").exists()
 
     # resume under DDP: two more steps from the step-2 checkpoint (a repeated flag: the last one wins)
     resumed = subprocess.run([*command, "--max_steps=4", "--resume=True"],
                              env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check_ok(resumed)
     assert "resumed from" in resumed.stderr and "weights identical on all 2 processes" in resumed.stderr
-    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(output_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]

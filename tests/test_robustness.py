@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPT, check_ok, data_args, read_jsonl, run_script, subprocess_env
+from conftest import SCRIPT, assert_resumed_run_matches, check_ok, data_args, read_jsonl, run_script, subprocess_env
 
 TINY = ("--batch_size=2", "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--max_source_length=64",
         "--eval_samples=4", "--device=cpu")
@@ -58,11 +58,11 @@ def wait_for(condition, process: subprocess.Popen, what: str, stderr_path: Path)
 # --------------------------------------------------------------------------------------------------
 # 1. Exact resume after SIGKILL
 # --------------------------------------------------------------------------------------------------
-# A learning rate large enough to move the policy, the default linear schedule with one warm-up step (so lr changes
+# A learning rate large enough to move the policy, a linear schedule with one warm-up step (so lr changes
 # every step), and an SFT phase so that pi_ref differs from the base model and the rewards are not all zero.
 EXACT_ARGS = (*TINY, "--max_steps=6", "--save_every=2", "--eval_every=2", "--learning_rate=1e-3",
-              "--warmup_steps=1", "--sft_steps=2", "--sft_batch_size=4", "--sft_learning_rate=1e-2", "--seed=5")
-COMPARED = ("reward_mean", "loss", "kl", "lr", "completion_length")
+              "--lr_scheduler=linear", "--warmup_steps=1", "--sft_steps=2", "--sft_batch_size=4",
+              "--sft_learning_rate=1e-2", "--seed=5")
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,15 @@ def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, 
             f"--output_dir={out}")
     process, _, stderr_path = popen_script(*args, cwd=tmp_path, log_dir=tmp_path)
     try:
-        wait_for(lambda: (out / "checkpoints").is_dir() and bool(checkpoint_steps(out)), process,
-                 "checkpoint", stderr_path)
+        saved = wait_for(lambda: (out / "checkpoints").is_dir() and bool(checkpoint_steps(out)), process,
+                         "checkpoint", stderr_path)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-    assert process.returncode in (0, -signal.SIGKILL), stderr_path.read_text()
+    assert saved, f"exit {process.returncode} before any checkpoint; stderr:\n{stderr_path.read_text()}"
+    # killed, not finished: steps 3..6 and two evaluations take seconds, the poll looks every 20 ms
+    assert process.returncode == -signal.SIGKILL, stderr_path.read_text()
     assert "Traceback" not in stderr_path.read_text()
 
     # The kill lands at some step >= 2. Keep only the first checkpoint (step 2): exactly what a kill right after
@@ -107,33 +109,15 @@ def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, 
     check_ok(result)
     assert "resumed from" in result.stderr and "step_00000002.pt at step 2" in result.stderr, result.stderr
 
-    resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(straight_run / "metrics.jsonl")
+    resumed = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [m["step"] for m in straight] == [1, 2, 3, 4, 5, 6]
-    for ours, theirs in zip(resumed, straight):
-        for key in COMPARED:
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (ours["step"], key)
     assert len({m["lr"] for m in resumed}) > 1, "the schedule never changed: the lr comparison would be vacuous"
-    assert any(m["kl"] > 0 for m in resumed[2:]), "the policy never moved: the comparison would be vacuous"
-
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 4, 6]
     examples = Counter(e["step"] for e in read_jsonl(out / "eval_examples.jsonl"))
     assert set(examples) == {0, 2, 4, 6} and len(set(examples.values())) == 1, examples  # no evaluation twice
-    for ours, theirs in zip(read_jsonl(out / "eval.jsonl"), read_jsonl(straight_run / "eval.jsonl")):
-        assert ours["rougeL"] == pytest.approx(theirs["rougeL"], rel=1e-6, abs=1e-9), ours["step"]
-    # eval_predictions.jsonl: each article once per evaluation after the resume, and the paired change at the end
-    # (read from the step-0 lines the killed run wrote) is the straight run's
+    assert_resumed_run_matches(out, straight_run, resumed_at=2)
+    # eval_predictions.jsonl: each article once per evaluation after the resume
     assert Counter(p["step"] for p in read_jsonl(out / "eval_predictions.jsonl")) == {0: 4, 2: 4, 4: 4, 6: 4}
-    assert read_jsonl(out / "eval.jsonl")[-1]["rougeL_change"] == pytest.approx(
-        read_jsonl(straight_run / "eval.jsonl")[-1]["rougeL_change"], rel=1e-6, abs=1e-9)
-
-    from safetensors.torch import load_file
-
-    weights_a = load_file(straight_run / "final" / "model.safetensors")
-    weights_b = load_file(out / "final" / "model.safetensors")
-    assert weights_a.keys() == weights_b.keys()
-    for name in weights_a:
-        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +172,7 @@ def test_save_checkpoint_is_atomic_rotates_and_round_trips(grpo, tmp_path):
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 3
 
 
-def test_keep_checkpoints_one_and_best_model(straight_run, tiny_bart_dir):
+def test_keep_checkpoints_one_and_best_model(grpo, straight_run, tiny_bart_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -204,19 +188,49 @@ def test_keep_checkpoints_one_and_best_model(straight_run, tiny_bart_dir):
     text = "The council of Ashgrove voted on Monday."
     assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_bart_dir)(text)["input_ids"]
 
-    # best/ is refreshed only when the metric strictly improves, so it holds the model of the first evaluation
-    # with the highest rougeL. Where that model is also kept elsewhere (step 0: reference/, the policy after SFT;
-    # step 6: final/), the weights must match.
+    # best/ is refreshed only when best_metric strictly improves, so it holds the model of the first evaluation
+    # with the highest score. This seeded run is deterministic, and that evaluation is one whose model is also
+    # kept elsewhere (step 0: reference/, the policy after SFT; step 6: final/): the weights must match.
+    # (test_best_model_is_refreshed_only_on_strict_improvement covers the other steps.)
     evals = read_jsonl(straight_run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 4, 6]
-    scores = [e["rougeL"] for e in evals]
+    scores = [e[grpo.Config().best_metric] for e in evals]
     best_step = evals[scores.index(max(scores))]["step"]
-    twin = {0: straight_run / "reference", 6: straight_run / "final"}.get(best_step)
-    if twin is not None:
-        ours, theirs = load_file(best / "model.safetensors"), load_file(twin / "model.safetensors")
-        assert ours.keys() == theirs.keys()
-        for name in ours:
-            assert torch.equal(ours[name], theirs[name]), (best_step, name)
+    twins = {0: straight_run / "reference", 6: straight_run / "final"}
+    assert best_step in twins, f"best step {best_step} (scores {scores}) has no copy to compare with: change the run"
+    ours, theirs = load_file(best / "model.safetensors"), load_file(twins[best_step] / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), (best_step, name)
+
+
+def test_best_model_is_refreshed_only_on_strict_improvement(grpo, tiny_bart_dir, tmp_path, monkeypatch):
+    """record_evaluation with scripted scores: best/ holds the weights of the first evaluation with the highest
+    score (a tie does not replace it), whichever step that is, and best_score follows the maximum."""
+    from safetensors.torch import load_file
+
+    config = grpo.Config(model_name=str(tiny_bart_dir), output_dir=str(tmp_path), device="cpu")
+    policy, tokenizer = grpo.load_policy_and_tokenizer(config, torch.device("cpu"))
+    scores = {0: 0.1, 2: 0.3, 4: 0.3, 6: 0.2}  # the best is step 2; step 4 ties it
+    current_step, weights, state = [0], {}, grpo.TrainerState()
+    monkeypatch.setattr(grpo, "evaluate", lambda policy, tokenizer, held_out, config, device, dist: (
+        {key: scores[current_step[0]] for key in grpo.ROUGE_KEYS}, []))
+    for step in scores:
+        current_step[0] = step
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                parameter.add_(1.0)  # a different model at every evaluation
+        weights[step] = {k: v.clone() for k, v in policy.state_dict().items()}
+        grpo.record_evaluation(config, grpo.Distributed(), step, policy, tokenizer, None, state, log=lambda m: None)
+    assert state.best_score == 0.3
+    assert [e["step"] for e in read_jsonl(tmp_path / "eval.jsonl")] == [0, 2, 4, 6]
+    saved = load_file(tmp_path / "best" / "model.safetensors")
+    parameters = {name for name, _ in policy.named_parameters()} & saved.keys()  # not buffers (final_logits_bias)
+    assert parameters
+    for name in saved:
+        assert torch.equal(saved[name], weights[2][name]), name
+    for name in parameters:
+        assert not torch.equal(saved[name], weights[4][name]), name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,11 +405,14 @@ def test_sampling_ignores_the_checkpoints_generation_defaults(grpo, tiny_bart_di
 # --------------------------------------------------------------------------------------------------
 # 6. trust_remote_code is off unless asked for
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, expected", [([], False), (["--trust_remote_code=True"], True),
+@pytest.mark.parametrize("flags, expected", [([], None), (["--trust_remote_code=True"], True),
                                              (["--trust_remote_code=False"], False)],
                          ids=["default", "true", "false"])
 def test_trust_remote_code_is_passed_explicitly(grpo, tiny_bart_dir, monkeypatch, flags, expected):
     import transformers
+
+    if expected is None:  # no flag: Config's default, whatever it is set to at the top of the script
+        expected = grpo.Config().trust_remote_code
 
     calls: dict[str, list[dict]] = {}
 

@@ -1,19 +1,16 @@
 """The ROUGE reward against rouge_score itself, sentence splitting without punkt, and a silent import."""
 
-import os
 import random
 import subprocess
 import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import pytest
 from rouge_score import rouge_scorer
 
 import grpo_encoder_decoder_summarization as grpo
+from conftest import ROOT
 
-KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+KEYS = grpo.ROUGE_KEYS
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
 # A small vocabulary so that words repeat a lot (many LCS ties); stems collide (run/runs/running).
 WORDS = ("the cat cats dog dogs run runs running ran a an on in mat sat sits quickly quick "
@@ -163,8 +160,14 @@ PREDICTIONS = ["The council voted for a bridge.", "Cats sat on mats. Dogs ran.",
 REFERENCES = ["Council approves new bridge. Work starts in 2026."] * 3 + ["The cat sat on the mat."] * 2
 
 
-def test_rouge_rewards_default_is_mean_of_rouge1_rouge2_rougelsum():
-    rewards = grpo.rouge_rewards(PREDICTIONS, REFERENCES)
+def test_rouge_rewards_default_weights_are_configs():
+    """Without weights, rouge_rewards uses Config()'s rouge*_weight flags (read here, not restated)."""
+    default = grpo.rouge_rewards(PREDICTIONS, REFERENCES)
+    assert default == grpo.rouge_rewards(PREDICTIONS, REFERENCES, grpo.reward_weights(grpo.Config()))
+
+
+def test_rouge_rewards_mean_of_rouge1_rouge2_rougelsum():
+    rewards = grpo.rouge_rewards(PREDICTIONS, REFERENCES, {"rouge1": 1 / 3, "rouge2": 1 / 3, "rougeLsum": 1 / 3})
     scores = grpo.rouge_f1(PREDICTIONS, REFERENCES)
     assert len(rewards) == len(PREDICTIONS)
     for i, reward in enumerate(rewards):
@@ -190,8 +193,11 @@ def test_rouge_rewards_respects_weights():
 def test_reward_weights_from_config_are_normalized():
     config = grpo.Config(rouge1_weight=2.0, rouge2_weight=0.0, rougeL_weight=1.0, rougeLsum_weight=1.0)
     assert grpo.reward_weights(config) == {"rouge1": 0.5, "rouge2": 0.0, "rougeL": 0.25, "rougeLsum": 0.25}
-    assert grpo.reward_weights(grpo.Config()) == pytest.approx(
-        {"rouge1": 1 / 3, "rouge2": 1 / 3, "rougeL": 0.0, "rougeLsum": 1 / 3})
+    # whatever the defaults are: they sum to 1, and scaling every weight changes nothing
+    defaults = grpo.Config()
+    assert sum(grpo.reward_weights(defaults).values()) == pytest.approx(1.0)
+    doubled = grpo.Config(**{f"{key}_weight": 2 * getattr(defaults, f"{key}_weight") for key in KEYS})
+    assert grpo.reward_weights(doubled) == pytest.approx(grpo.reward_weights(defaults))
 
 
 def test_rouge_rewards_and_f1_reject_mismatched_lengths():
@@ -242,7 +248,7 @@ def test_rouge_f1_without_punkt_matches_rouge_score(no_punkt):
 
 def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import grpo_encoder_decoder_summarization"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert result.stderr == ""

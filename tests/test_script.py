@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_ok, data_args, read_jsonl, run_script
+from conftest import assert_resumed_run_matches, check_ok, data_args, read_jsonl, run_script
 
 # Small but complete runs: 2 articles x 4 samples per step, 8 new tokens.
 RUN_ARGS = ("--max_steps=3", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
@@ -67,8 +67,8 @@ def test_full_run(model, extra, tiny_t5_dir, tiny_bart_dir, data_files, tmp_path
     text = "The council of Ashgrove voted on Monday."
     assert tokenizer(text)["input_ids"] == original(text)["input_ids"]
     assert (out / "curves.png").is_file() and (out / "curves.png").stat().st_size > 0
-    if "--sft_steps=2" in extra:
-        assert (out / "reference" / "config.json").is_file()  # pi_ref after SFT, kept for a resumed run
+    # pi_ref after SFT is kept for a resumed run; without SFT pi_ref is the model in --model_name
+    assert (out / "reference" / "config.json").is_file() == ("--sft_steps=2" in extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,22 +92,9 @@ def test_resume_is_exact(tiny_bart_dir, data_files, tmp_path):
     assert "resumed from" in result.stderr and "at step 2" in result.stderr, result.stderr
     check_ok(run_script(*common, "--max_steps=4", f"--output_dir={straight}", cwd=tmp_path))
 
-    after_resume, uninterrupted = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(straight / "metrics.jsonl")
-    assert [m["step"] for m in after_resume] == [1, 2, 3, 4]
-    assert [m["step"] for m in uninterrupted] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert [e["step"] for e in read_jsonl(resumed / "eval.jsonl")] == [0, 2, 4]
-    for ours, theirs in zip(after_resume, uninterrupted):
-        for key in ("reward_mean", "loss", "kl", "lr"):
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-12), (ours["step"], key)
-    assert any(m["kl"] > 0 for m in after_resume[2:]), "the policy never moved: the comparison would be vacuous"
-
-    from safetensors.torch import load_file
-
-    weights_a = load_file(resumed / "final" / "model.safetensors")
-    weights_b = load_file(straight / "final" / "model.safetensors")
-    assert weights_a.keys() == weights_b.keys()
-    for name in weights_a:
-        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert_resumed_run_matches(resumed, straight, resumed_at=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,9 +143,10 @@ def test_encoder_sees_each_article_once_per_pass(grpo, model, whole_batch, tiny_
                                                  monkeypatch):
     model_dir = {"bart": tiny_bart_dir, "t5": tiny_t5_dir}[model]
     B, G = 3, 4
+    # num_iterations=2: the old-policy pass runs and the update makes two passes
     config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
-        grpo, model_dir, data_files, batch_size=B, group_size=G, micro_batch_size=B * G if whole_batch else G)
-    assert config.num_iterations == 2  # so that the old-policy pass runs and the update makes two passes
+        grpo, model_dir, data_files, batch_size=B, group_size=G, micro_batch_size=B * G if whole_batch else G,
+        num_iterations=2)
     phase = ["none"]
     rollouts = []
 
@@ -209,6 +197,15 @@ def test_encoder_sees_each_article_once_per_pass(grpo, model, whole_batch, tiny_
     assert all(rows != B * G for _, rows in policy_calls + reference_calls)
 
 
+def rollout_with_advantages(grpo, policy, tokenizer, reference, rows, config, device):
+    """A rollout with reference log-probs and fixed non-zero advantages (a random tiny model often earns the same
+    zero ROUGE for every sample, which would leave nothing to learn)."""
+    rollout, _ = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
+    rollout.ref_logprobs = grpo.sequence_logprobs_no_grad(grpo.GroupedSeq2Seq(reference), rollout, config, device)
+    rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * config.batch_size)
+    return rollout
+
+
 def layer_weights(policy) -> dict[str, torch.nn.Parameter]:
     """One weight matrix of the first encoder layer and of the first decoder layer (BART or T5)."""
     named = dict(policy.named_parameters())
@@ -222,17 +219,14 @@ def test_update_reaches_encoder_and_decoder(grpo, model, tiny_bart_dir, tiny_t5_
     model_dir = {"bart": tiny_bart_dir, "t5": tiny_t5_dir}[model]
     config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
         grpo, model_dir, data_files, num_iterations=1)
-    timer = grpo.PhaseTimer(device)
-    rollout, _ = grpo.rollout_step(policy, tokenizer, rows, config, device, timer)
-    rollout.ref_logprobs = grpo.sequence_logprobs_no_grad(grpo.GroupedSeq2Seq(reference), rollout, config, device)
-    # A random tiny model often earns the same (zero) ROUGE for every sample, so set non-zero advantages.
-    rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * config.batch_size)
+    rollout = rollout_with_advantages(grpo, policy, tokenizer, reference, rows, config, device)
     watched = layer_weights(policy)
     before = {name: p.detach().clone() for name, p in watched.items()}
     encoder_ids = {id(p) for p in policy.get_encoder().parameters()}
     assert sum(id(p) in encoder_ids for p in watched.values()) == 1  # one encoder and one decoder weight
 
-    stats = grpo.grpo_update(grpo.GroupedSeq2Seq(policy), optimizer, scheduler, rollout, config, device, timer)
+    stats = grpo.grpo_update(grpo.GroupedSeq2Seq(policy), optimizer, scheduler, rollout, config, device,
+                             grpo.PhaseTimer(device))
 
     assert stats["grad_norm"] > 0 and stats.get("nonfinite_updates", 0) == 0
     for name, parameter in watched.items():
@@ -256,9 +250,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(grpo, mo
             grpo, model_dir, data_files, num_iterations=1, gradient_checkpointing=checkpointing)
         assert policy.training == checkpointing
         torch.manual_seed(0)
-        rollout, _ = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
-        rollout.ref_logprobs = grpo.sequence_logprobs_no_grad(grpo.GroupedSeq2Seq(reference), rollout, config, device)
-        rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * config.batch_size)
+        rollout = rollout_with_advantages(grpo, policy, tokenizer, reference, rows, config, device)
         # a module inside the first decoder layer (transformers checkpoints a layer's forward, so the layer's own
         # hooks stay outside the recompute, while the modules it calls run again)
         inner = policy.get_decoder().layers[0].self_attn if model == "bart" else policy.get_decoder().block[0].layer[0]
