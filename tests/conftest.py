@@ -77,7 +77,7 @@ def assert_resumed_run_matches(resumed, straight, resumed_at: int) -> None:
     assert [e["step"] for e in ours] == [e["step"] for e in theirs]
     for mine, other in zip(ours, theirs):  # numbers to rel 1e-6, the rest (splitter name, settings) exactly
         # a first leg that ended at its max_steps also wrote the end-of-run paired change on its last line
-        assert other.keys() <= mine.keys() and all("_change" in key for key in mine.keys() - other.keys()), mine["step"]
+        assert other.keys() <= mine.keys() and all("change" in key for key in mine.keys() - other.keys()), mine["step"]
         for key, value in other.items():
             expected = pytest.approx(value, rel=1e-6, abs=1e-12) if isinstance(value, float) else value
             assert mine[key] == expected, (mine["step"], key)
