@@ -399,7 +399,7 @@ def load_policy_and_tokenizer(config: Config, device: torch.device):
     """The policy (fp32 master weights) and its tokenizer, with one clear line when either cannot be loaded."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    name, remote = config.model_name, config.trust_remote_code
+    name, remote = os.path.expanduser(config.model_name), config.trust_remote_code  # ~/models/x: the shell may not expand it
     hint = "pass --model_name=/path/to/local/model, or set HF_ENDPOINT to a reachable mirror"
     try:
         model_config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
@@ -1038,8 +1038,8 @@ RUN_CONFIG_FILE = "run_config.json"  # the resolved config of the run, in output
 # fields added later). max_steps may change too: the lr schedule is then defined over the new max_steps.
 RESUME_BOOKKEEPING_FIELDS = frozenset({
     "eval_every", "eval_batch_size", "num_examples", "save_every", "keep_checkpoints", "max_nonfinite_steps",
-    "output_dir", "device", "compile", "gradient_checkpointing", "micro_batch_size", "resume", "overwrite_output_dir",
-    "max_steps"})
+    "output_dir", "device", "compile", "gradient_checkpointing", "micro_batch_size", "max_steps"})
+RESUME_IGNORED_FIELDS = frozenset({"resume", "overwrite_output_dir"})  # differ on every resume: not compared
 
 
 def earlier_run_files(output_dir: str) -> list[str]:
@@ -1194,11 +1194,11 @@ def read_saved_config(checkpoint: str, output_dir: str) -> dict | None:
 def changed_on_resume(saved: dict, config: Config) -> tuple[list[str], list[str]]:
     """(trajectory changes, bookkeeping changes) between a saved config and the new one, each as 'name: old -> new'.
 
-    Every field is trajectory-altering except RESUME_BOOKKEEPING_FIELDS (and max_steps, which has its own rule), so
-    a field added later is checked by default. A field missing from an older saved config counts as its default.
+    Every field is trajectory-altering except RESUME_BOOKKEEPING_FIELDS (max_steps among them: it has its own rule,
+    see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later is checked by default. A field missing from an older saved config counts as its default.
     """
     trajectory, bookkeeping = [], []
-    for field in dataclasses.fields(Config):
+    for field in (f for f in dataclasses.fields(Config) if f.name not in RESUME_IGNORED_FIELDS):
         default = field.default if field.default is not dataclasses.MISSING else None
         old, new = saved.get(field.name, default), getattr(config, field.name)
         if old != new:
