@@ -650,8 +650,6 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint")
     if checkpoints:  # before any data or model loads: stop a resume that would change the run
         check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
-    if dist.is_main:
-        write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
@@ -665,6 +663,8 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         policy_forward = torch.nn.parallel.DistributedDataParallel(
             policy_forward, device_ids=[device.index] if device.type == "cuda" else None)
     reference_dir = os.path.join(config.output_dir, "reference")
+    if dist.is_main:  # once data and model have loaded (a bad data file leaves no "earlier run" behind)
+        write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     if not checkpoints and config.sft_steps > 0:
         sft_warmup(policy_forward, policy, tokenizer, train_rows, config, device, dist, log)
         if dist.is_main:
@@ -1197,11 +1197,14 @@ def changed_on_resume(saved: dict, config: Config) -> tuple[list[str], list[str]
     Every field is trajectory-altering except RESUME_BOOKKEEPING_FIELDS (max_steps among them: it has its own rule,
     see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later is checked by default. A field missing from an older saved config counts as its default.
     """
+    def comparable(value):  # as JSON holds it (a tuple and a list of the same items are the same flag value)
+        return json.loads(json.dumps(value))
+
     trajectory, bookkeeping = [], []
     for field in (f for f in dataclasses.fields(Config) if f.name not in RESUME_IGNORED_FIELDS):
-        default = field.default if field.default is not dataclasses.MISSING else None
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         old, new = saved.get(field.name, default), getattr(config, field.name)
-        if old != new:
+        if comparable(old) != comparable(new):
             change = f"--{field.name}: {old!r} -> {new!r}"
             (bookkeeping if field.name in RESUME_BOOKKEEPING_FIELDS else trajectory).append(change)
     return trajectory, bookkeeping

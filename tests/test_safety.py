@@ -282,6 +282,7 @@ def test_non_utf8_jsonl_names_line_and_byte(grpo, capsys, tmp_path, tiny_bart_di
                       + b'{"article": "caf\xe9 au lait", "highlights": "x"}\n')
     code, error = bad_main(grpo, capsys, tmp_path, tiny_bart_dir, data_files, f"--train_file={train}")
     assert code == 1 and "line 2" in error and "byte 17" in error and "UTF-8" in error, error
+    assert grpo.earlier_run_files(str(tmp_path / "out")) == []  # a run that failed on its data is no earlier run
 
 
 def test_non_utf8_csv(grpo, capsys, tmp_path, tiny_bart_dir, data_files):
