@@ -647,7 +647,8 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         return run_benchmark(config, dist, log)
     checkpoints = checkpoint_files(config.output_dir) if config.resume else []
     if config.resume and not checkpoints:
-        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint")
+        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
+                        "--resume (add --overwrite_output_dir=True if the directory holds an earlier run)")
     if checkpoints:  # before any data or model loads: stop a resume that would change the run
         check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
     random.seed(config.seed)
