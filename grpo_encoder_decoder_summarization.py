@@ -128,6 +128,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time (dropout 0)
     compile: bool = False  # torch.compile the scoring forward pass (CUDA)
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite_output_dir: bool = False  # let a fresh run delete an earlier run in output_dir (else it stops)
     demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
     benchmark: bool = False  # time every phase of a fixed tiny workload and print a table
 
@@ -177,6 +178,19 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[to
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
     positions = torch.arange(length, device=completion_ids.device)  # (T,)
     return (positions[None, :] <= first_eos[:, None]).float(), ~has_eos
+
+
+def exclude_forced_tokens(mask: torch.Tensor, forced_bos_token_id: int | None) -> torch.Tensor:
+    """The loss mask without tokens the sampler forced: with forced_bos_token_id set, generation puts that token at
+    the first generated position with probability 1, so it was not sampled and must not enter the loss or the KL.
+
+    mask (N, T) -> (N, T): column 0 set to 0 when forced_bos_token_id is not None, unchanged otherwise.
+    """
+    if forced_bos_token_id is None:
+        return mask
+    kept = torch.ones_like(mask)  # (N, T)
+    kept[:, 0] = 0
+    return mask * kept
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -243,10 +257,17 @@ def grpo_loss(
     return loss, stats
 
 
-def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
-    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss."""
+def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor,
+                       world_token_count: float | None = None, world_size: int = 1) -> float:
+    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss.
+
+    dapo under DDP: the step's loss is sum over the tokens of all processes / token count of all processes
+    (world_token_count). DDP averages gradients over world_size processes, so each process weighs its
+    micro-batch by micro_tokens * world_size / world_token_count.
+    """
     if loss_type == "dapo":
-        return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
+        total = full_mask.sum() if world_token_count is None else torch.tensor(float(world_token_count))
+        return float(micro_mask.sum() * world_size / total.clamp(min=1))
     return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same N * L
 
 
@@ -259,7 +280,7 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, S)
     decoder_input_ids: torch.Tensor  # (B*G, T) decoder start token + sampled tokens, shifted right
     completion_ids: torch.Tensor  # (B*G, T) the sampled tokens (decoder start token excluded)
-    mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
+    mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS, 0 at a forced first token
     advantages: torch.Tensor  # (B*G,)
     ref_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_ref, filled in by grpo_step
     old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
@@ -286,6 +307,7 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
         advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards)
     if config.mask_truncated_completions:
         mask = mask * (~truncated).unsqueeze(1)
+    mask = exclude_forced_tokens(mask, getattr(policy.generation_config, "forced_bos_token_id", None))
     rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
                       mask, advantages)
     zero_std_groups = (advantages.view(-1, config.group_size) == 0).all(dim=1)  # (B,): all G rewards equal
@@ -319,6 +341,11 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
     parameters = [p for p in policy_forward.parameters() if p.requires_grad]
     totals = Counter()
     token_total = rollout.mask.sum().clamp(min=1).item()
+    world_token_count, world_size = None, 1
+    if config.loss_type == "dapo" and hasattr(policy_forward, "no_sync"):  # DDP: normalize by all processes' tokens
+        world_token_count = rollout.mask.sum().double()
+        torch.distributed.all_reduce(world_token_count)  # once per rollout
+        world_token_count, world_size = world_token_count.item(), torch.distributed.get_world_size()
     for _ in range(config.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -334,7 +361,8 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
                     loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
                                             rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
                                             config.loss_type, config.max_new_tokens)
-                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask)
+                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask,
+                                                world_token_count, world_size)
                 with timer("time_backward"):
                     (loss * weight).backward()
             step_loss += loss.item() * weight
@@ -385,7 +413,7 @@ def load_policy_and_tokenizer(config: Config, device: torch.device):
     """The policy (fp32 master weights) and its tokenizer, with one clear line when either cannot be loaded."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    name, remote = config.model_name, config.trust_remote_code
+    name, remote = os.path.expanduser(config.model_name), config.trust_remote_code  # ~/models/x: the shell may not expand it
     hint = "pass --model_name=/path/to/local/model, or set HF_ENDPOINT to a reachable mirror"
     try:
         model_config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
@@ -400,8 +428,8 @@ def load_policy_and_tokenizer(config: Config, device: torch.device):
         raise UserError(f"could not load a tokenizer for {name!r} ({str(error).splitlines()[0]}); "
                         "save one beside the model with tokenizer.save_pretrained") from None
     if config.gradient_checkpointing:  # transformers checkpoints only in train mode: dropout goes to 0 instead
-        for key, value in model_config.to_dict().items():
-            if "dropout" in key and isinstance(value, float):
+        for key, value in model_config.to_dict().items():  # layerdrop too: it skips whole layers in train mode
+            if ("dropout" in key or "layerdrop" in key) and isinstance(value, float):
                 setattr(model_config, key, 0.0)
     try:
         policy = AutoModelForSeq2SeqLM.from_pretrained(name, config=model_config, trust_remote_code=remote,
@@ -561,6 +589,14 @@ def checked_rewards(rewards, predictions: list[str]) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 # SFT warm-up: teacher-forced cross-entropy on the reference summaries
 # --------------------------------------------------------------------------------------------------
+def sft_labels(tokenizer, summaries: list[str], max_length: int) -> torch.Tensor:
+    """Token ids of the reference summaries (B, T), with -100 at padding positions (by the attention mask, not by
+    pad_token_id, so the EOS targets stay when pad == eos). Targets start after the decoder start token."""
+    encoded = tokenizer(text_target=summaries, max_length=max_length, truncation=True, padding=True,
+                        return_tensors="pt")
+    return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)  # (B, T)
+
+
 def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log) -> None:
     """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward."""
     from transformers import get_scheduler
@@ -572,9 +608,7 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
     for step in progress:
         rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
         encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
-        labels = tokenizer(text_target=rows[config.summary_column], max_length=config.max_new_tokens,
-                           truncation=True, padding=True, return_tensors="pt")["input_ids"].to(device)
-        labels[labels == tokenizer.pad_token_id] = -100  # padding only: targets start after the decoder start token
+        labels = sft_labels(tokenizer, rows[config.summary_column], config.max_new_tokens).to(device)
         decoder_input_ids = policy.prepare_decoder_input_ids_from_labels(labels=labels)
         with autocast(device):
             logits = policy_forward(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, 1)
@@ -655,7 +689,7 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
 # The main loop: build the run, then batch -> grpo_step -> log -> evaluate/save
 # --------------------------------------------------------------------------------------------------
 def train(config: Config, given: set[str] = frozenset()) -> int:
-    """The whole run. Returns the exit code (0, or 130 after Ctrl-C with a checkpoint saved)."""
+    """The whole run. Returns the exit code (0, or 130 after Ctrl-C / 143 after SIGTERM with a checkpoint saved)."""
     import transformers
     from transformers import get_scheduler
 
@@ -669,14 +703,27 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         if dist.is_main:
             tqdm.write(message, file=sys.stderr)
 
+    check_output_dir(config)
     if dist.is_main:
         prepare_output_dir(config, log)
         ensure_punkt()
     dist.barrier()
+    if device.type == "cpu":
+        threads = cpu_thread_count(os.environ, available_cpu_cores())
+        if threads is not None:
+            torch.set_num_threads(threads)
+        log(f"cpu: {torch.get_num_threads()} threads per process (set OMP_NUM_THREADS to choose; runs are bit-exact "
+            "only with the same thread count)")
     if config.demo or config.benchmark:
         config = prepare_demo(config, dist, log, given)
     if config.benchmark:
         return run_benchmark(config, dist, log)
+    checkpoints = checkpoint_files(config.output_dir) if config.resume else []
+    if config.resume and not checkpoints:
+        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
+                        "--resume (add --overwrite_output_dir=True if the directory holds an earlier run)")
+    if checkpoints:  # before any data or model loads: stop a resume that would change the run
+        check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
@@ -690,9 +737,8 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         policy_forward = torch.nn.parallel.DistributedDataParallel(
             policy_forward, device_ids=[device.index] if device.type == "cuda" else None)
     reference_dir = os.path.join(config.output_dir, "reference")
-    checkpoints = checkpoint_files(config.output_dir) if config.resume else []
-    if config.resume and not checkpoints:
-        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint")
+    if dist.is_main:  # once data and model have loaded (a bad data file leaves no "earlier run" behind)
+        write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     if not checkpoints and config.sft_steps > 0:
         sft_warmup(policy_forward, policy, tokenizer, train_rows, config, device, dist, log)
         if dist.is_main:
@@ -712,6 +758,10 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     state = TrainerState()
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
+        old_lr, new_lr = continue_lr_schedule(scheduler, optimizer)
+        if old_lr != new_lr:
+            log(f"--max_steps={config.max_steps}: the {config.lr_scheduler} schedule now runs over {config.max_steps} "
+                f"steps; the next update uses lr {new_lr:.4g} (the schedule's value at step {state.step}), not {old_lr:.4g}")
         if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
             for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl"):
                 keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
@@ -722,7 +772,8 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     def checkpoint() -> None:
         rng_states = dist.gather_in_order([(dist.rank, rng_state())])
         if dist.is_main:
-            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints)
+            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints,
+                            config)
 
     stop = StopRequest(log)
     progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=state.step)
@@ -759,12 +810,14 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
                 checkpoint()
             if interrupted:
                 progress.close()
+                log_truncated_articles(state, config, dist, log)
                 log(f"stopped at step {step}; checkpoint saved. Continue with: python {sys.argv[0]} "
                     f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
-                return 130
+                return 128 + dist.max(stop.signal_number)
     finally:
         stop.restore()
         progress.close()
+    log_truncated_articles(state, config, dist, log)
     if dist.world_size > 1:  # DDP keeps the copies identical; say so, or fail loudly if they drifted apart
         checksums = dist.gather_in_order([(dist.rank, sum(p.double().sum().item() for p in policy.parameters()))])
         if len(set(checksums)) > 1:
@@ -870,7 +923,9 @@ def validate_config(config: Config) -> None:
         (config.group_size >= 2, "--group_size must be >= 2: advantages compare the G samples of an article"),
         (config.batch_size >= 1, "--batch_size must be >= 1"),
         (config.micro_batch_size >= 1 and config.micro_batch_size % config.group_size == 0,
-         "--micro_batch_size must be a positive multiple of --group_size (micro-batches hold whole groups)"),
+         f"--micro_batch_size={config.micro_batch_size} must be a positive multiple of --group_size="
+         f"{config.group_size} (micro-batches hold whole groups); use e.g. --micro_batch_size="
+         f"{max(1, config.micro_batch_size // max(config.group_size, 1)) * max(config.group_size, 1)}"),
         (config.beta >= 0, "--beta must be >= 0"),
         (config.learning_rate > 0 and config.sft_learning_rate > 0, "--learning_rate and --sft_learning_rate must be > 0"),
         (config.weight_decay >= 0 and config.warmup_steps >= 0, "--weight_decay and --warmup_steps must be >= 0"),
@@ -907,31 +962,89 @@ def validate_config(config: Config) -> None:
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
          "the rouge*_weight flags must be >= 0 and not all 0"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "--device must be auto, cpu, cuda or cuda:N"),
+        (config.lr_scheduler in scheduler_names(),
+         f"--lr_scheduler={config.lr_scheduler} is not a schedule this script can use; one of: "
+         f"{', '.join(scheduler_names())}"),
+        (config.text_column != config.summary_column,
+         f"--text_column and --summary_column are both {config.text_column!r}; the article and its reference "
+         "summary must be two different columns"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    model_path = os.path.expanduser(config.model_name)
+    if looks_like_local_path(config.model_name) and not os.path.isdir(model_path):
+        raise UserError(f"--model_name={config.model_name}: the directory {model_path} does not exist (a local path; "
+                        "for a hub model pass its id, e.g. facebook/bart-base)")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether --model_name is meant as a directory: starts with / . or ~, or has more parts than a hub id (org/name)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+@lru_cache(maxsize=1)
+def scheduler_names() -> tuple[str, ...]:
+    """transformers' scheduler names that work as get_scheduler(name, optimizer, warmup, total) and step per update."""
+    from transformers import SchedulerType, get_scheduler
+
+    names = []
+    for name in (kind.value for kind in SchedulerType):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+        except Exception:  # needs extra arguments (cosine_with_min_lr, ...)
+            continue
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # not reduce_lr_on_plateau, which needs a metric
+            names.append(name)
+    return tuple(names)
 
 
 # --------------------------------------------------------------------------------------------------
 # Data: the hub dataset or local files, rows with empty text skipped, a seeded order per epoch
 # --------------------------------------------------------------------------------------------------
+def utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a file, with one clear error at the first line that is not UTF-8."""
+    with open(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path} line {line_number}, byte {error.start + 1} of that line: not UTF-8 text "
+                                f"(byte 0x{raw[error.start]:02x}); re-save the file as UTF-8") from None
+
+
 def check_jsonl(path: str, columns: tuple[str, str]) -> None:
     """Find, with its line number, the first line of a .jsonl file that is not a JSON object with string columns."""
+    for line_number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} line {line_number}: invalid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(row).__name__}")
+        for column in columns:
+            if column in row and row[column] is not None and not isinstance(row[column], str):
+                raise UserError(f"{path} line {line_number}: column {column!r} must be a string, "
+                                f"got {type(row[column]).__name__}")
+
+
+def check_json_layout(path: str) -> None:
+    """Reject a .json file whose top level is one object of column lists, which datasets would read as a single row."""
     with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path} line {line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(row).__name__}")
-            for column in columns:
-                if column in row and row[column] is not None and not isinstance(row[column], str):
-                    raise UserError(f"{path} line {line_number}: column {column!r} must be a string, "
-                                    f"got {type(row[column]).__name__}")
+        if file.read(4096).lstrip()[:1] != "{":
+            return
+        file.seek(0)
+        try:
+            top = json.load(file)
+        except json.JSONDecodeError:  # several objects, one per line: JSON Lines, which datasets reads
+            return
+    if isinstance(top, dict) and any(isinstance(value, list) for value in top.values()):
+        raise UserError(f"{path}: the top level is an object of column lists ({', '.join(map(repr, list(top)[:4]))}); "
+                        "use a JSON list of row objects [{\"article\": ..., \"highlights\": ...}, ...] or JSON Lines "
+                        "(.jsonl, one row object per line)")
 
 
 def load_local_file(path: str, columns: tuple[str, str]):
@@ -947,6 +1060,11 @@ def load_local_file(path: str, columns: tuple[str, str]):
         raise UserError(f"data file {path}: use .jsonl, .json or .csv")
     if extension == ".jsonl":
         check_jsonl(path, columns)
+    else:
+        for _ in utf8_lines(path):  # a clear line for a file that is not UTF-8, before the parser's traceback
+            pass
+    if extension == ".json":
+        check_json_layout(path)
     try:
         return datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
     except Exception as error:  # datasets wraps parser errors in several types
@@ -1132,9 +1250,9 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
         raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
                           "model's generation_config sets it (max_length): drop --max_new_tokens")
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
-    if os.path.exists(predictions_path):
-        raise UserError(f"{predictions_path} exists from an earlier evaluation; pass another --output_dir "
-                        "(or move that file away) so it is not overwritten")
+    if os.path.exists(predictions_path) and not config.overwrite_output_dir:
+        raise ConfigError(f"{predictions_path} exists from an earlier evaluation or run; pass another --output_dir, "
+                          "or --overwrite_output_dir=True to replace that file")
     dist = setup_distributed(config)
     from tqdm import tqdm
 
@@ -1183,8 +1301,32 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
 # --------------------------------------------------------------------------------------------------
 # Run files: output dir, saved config, checkpoints (atomic, the last few kept, exact resume), logs
 # --------------------------------------------------------------------------------------------------
+RUN_CONFIG_FILE = "run_config.json"  # the resolved config of the run, in output_dir (checkpoints hold it too)
+# Flags a resumed run may change: they do not alter the training trajectory (every other field does, including
+# fields added later). max_steps may change too: the lr schedule is then defined over the new max_steps.
+RESUME_BOOKKEEPING_FIELDS = frozenset({
+    "eval_every", "eval_batch_size", "num_examples", "save_every", "keep_checkpoints", "max_nonfinite_steps",
+    "output_dir", "device", "compile", "gradient_checkpointing", "micro_batch_size", "max_steps"})
+RESUME_IGNORED_FIELDS = frozenset({"resume", "overwrite_output_dir"})  # differ on every resume: not compared
+
+
+def earlier_run_files(output_dir: str) -> list[str]:
+    """The files and folders of an earlier run (or benchmark) in output_dir."""
+    names = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "checkpoints", "best",
+             "final", "reference", "curves.png", RUN_CONFIG_FILE, "benchmark.json")
+    return [name for name in names if os.path.exists(os.path.join(output_dir, name))]
+
+
+def check_output_dir(config: Config) -> None:
+    """A fresh run never deletes an earlier one unless asked to (the Hugging Face convention); every process checks."""
+    stale = earlier_run_files(config.output_dir) if not config.resume else []
+    if stale and not config.overwrite_output_dir:
+        raise ConfigError(f"--output_dir={config.output_dir} holds an earlier run ({', '.join(stale)}); continue it "
+                          "with --resume=True, replace it with --overwrite_output_dir=True, or pick another --output_dir")
+
+
 def prepare_output_dir(config: Config, log) -> None:
-    """Create output_dir (clear error if it cannot be written); a fresh run clears the files of an old one."""
+    """Create output_dir (clear error if it cannot be written); with --overwrite_output_dir, clear an earlier run."""
     try:
         os.makedirs(config.output_dir, exist_ok=True)
         probe = os.path.join(config.output_dir, ".write_test")
@@ -1194,15 +1336,26 @@ def prepare_output_dir(config: Config, log) -> None:
         raise UserError(f"cannot write to --output_dir={config.output_dir} ({error.strerror})") from None
     if config.resume:
         return
-    stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl",
-                               "checkpoints", "best", "final",
-                               "reference", "curves.png") if os.path.exists(os.path.join(config.output_dir, name))]
+    stale = earlier_run_files(config.output_dir)
     if stale:
-        log(f"starting a fresh run in {config.output_dir}: replacing {', '.join(stale)} "
-            "(use --resume=True to continue the earlier run instead)")
+        log(f"--overwrite_output_dir=True: deleting the earlier run in {config.output_dir} ({', '.join(stale)})")
     for name in stale:
         path = os.path.join(config.output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def write_json_atomic(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(record, file, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def log_truncated_articles(state: TrainerState, config: Config, dist: "Distributed", log) -> None:
+    """Say once, at the end of the run, what share of the training articles max_source_length cut short."""
+    seen = state.step * config.batch_size * dist.world_size
+    if state.articles_truncated and seen:
+        log(f"note: {state.articles_truncated} of {seen} training articles ({state.articles_truncated / seen:.1%}) "
+            f"were longer than --max_source_length={config.max_source_length} tokens and were truncated")
 
 
 def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: TrainerState, log) -> dict:
@@ -1271,13 +1424,17 @@ def checkpoint_files(output_dir: str) -> list[str]:
     return [os.path.join(directory, name) for name in names]
 
 
-def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int) -> str:
-    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`."""
+def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int,
+                    config: Config | None = None) -> str:
+    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`.
+
+    The checkpoint also holds the run's resolved config, which --resume compares with the new flags."""
     directory = os.path.join(output_dir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"step_{state.step:08d}.pt")
     payload = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "trainer_state": dataclasses.asdict(state), "rng_states": rng_states}
+               "trainer_state": dataclasses.asdict(state), "rng_states": rng_states,
+               "config": dataclasses.asdict(config) if config is not None else None}
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
     stale_temporary = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".pt.tmp")]
@@ -1286,15 +1443,86 @@ def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: Traine
     return path
 
 
+def check_state_dict_fits(saved: dict, model: torch.nn.Module, path: str) -> None:
+    """One line instead of load_state_dict's list of every key when a checkpoint was written by another model."""
+    expected = model.state_dict()
+    missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
+    reshaped = [k for k in expected.keys() & saved.keys() if tuple(expected[k].shape) != tuple(saved[k].shape)]
+    if missing or unexpected or reshaped:
+        example = sorted(missing or unexpected or reshaped)[0]
+        raise UserError(f"{path} was written by a different model ({len(missing)} weights missing, {len(unexpected)} "
+                        f"unexpected, {len(reshaped)} of another shape, e.g. {example!r}); resume with the "
+                        "--model_name that wrote it, or start afresh with --overwrite_output_dir=True")
+
+
 def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> TrainerState:
     """Restore model, optimizer, scheduler, trainer state and this process's random generators."""
     payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG tuples
+    check_state_dict_fits(payload["model"], policy, path)
     policy.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     rng_states = payload["rng_states"]
     set_rng_state(rng_states[rank % len(rng_states)])
     return TrainerState(**payload["trainer_state"])
+
+
+def read_saved_config(checkpoint: str, output_dir: str) -> dict | None:
+    """The resolved config a run was started with: from its newest checkpoint, else run_config.json (None if neither)."""
+    payload = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)  # mmap: tensors stay on disk
+    if payload.get("config") is not None:
+        return payload["config"]
+    path = os.path.join(output_dir, RUN_CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    return None
+
+
+def changed_on_resume(saved: dict, config: Config) -> tuple[list[str], list[str]]:
+    """(trajectory changes, bookkeeping changes) between a saved config and the new one, each as 'name: old -> new'.
+
+    Every field is trajectory-altering except RESUME_BOOKKEEPING_FIELDS (max_steps among them: it has its own rule,
+    see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later is checked by default. A field missing from an older saved config counts as its default.
+    """
+    def comparable(value):  # as JSON holds it (a tuple and a list of the same items are the same flag value)
+        return json.loads(json.dumps(value))
+
+    trajectory, bookkeeping = [], []
+    for field in (f for f in dataclasses.fields(Config) if f.name not in RESUME_IGNORED_FIELDS):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        old, new = saved.get(field.name, default), getattr(config, field.name)
+        if comparable(old) != comparable(new):
+            change = f"--{field.name}: {old!r} -> {new!r}"
+            (bookkeeping if field.name in RESUME_BOOKKEEPING_FIELDS else trajectory).append(change)
+    return trajectory, bookkeeping
+
+
+def check_resume_config(saved: dict | None, config: Config, log) -> None:
+    """Stop a resume whose flags would change the training trajectory; allow bookkeeping changes and say so."""
+    if saved is None:
+        log("note: this run saved no config (an older version wrote it), so the flags cannot be compared")
+        return
+    trajectory, bookkeeping = changed_on_resume(saved, config)
+    if trajectory:
+        raise ConfigError(f"--resume=True with flags that change the run: {'; '.join(trajectory)}; resume with the "
+                          "run's own values (see run_config.json), or start a new run in another --output_dir")
+    if bookkeeping:
+        log(f"resuming with changed bookkeeping flags: {'; '.join(bookkeeping)}")
+
+
+def continue_lr_schedule(scheduler, optimizer) -> tuple[float, float]:
+    """After loading a checkpoint into a scheduler built for the new max_steps: set the lr of the next update to the
+    new schedule's value at the resumed optimizer step (as if the run had asked for the new max_steps from the
+    start). The loaded optimizer holds the old schedule's lr, which would otherwise be used for one update.
+
+    Returns (old lr, new lr) of the first parameter group.
+    """
+    old = optimizer.param_groups[0]["lr"]
+    for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return old, optimizer.param_groups[0]["lr"]
 
 
 def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
@@ -1386,6 +1614,14 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return dict(zip(values, (tensor / self.world_size).tolist()))
 
+    def max(self, value: int) -> int:
+        """The largest of the processes' values (the value itself in a plain run)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return int(tensor.item())
+
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on one."""
         return bool(self.mean({"flag": float(flag)})["flag"] > 0)
@@ -1422,6 +1658,19 @@ def setup_distributed(config: Config) -> Distributed:
     return Distributed(rank, world_size, device)
 
 
+def available_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_thread_count(environ: typing.Mapping[str, str], cores: int) -> int | None:
+    """Threads per process for a CPU run: None (keep) when OMP_NUM_THREADS is set, else the available cores shared
+    by the processes of this machine (LOCAL_WORLD_SIZE under torchrun), so processes never oversubscribe cores."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cores // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 class PhaseTimer:
     """Seconds spent in each named phase (CUDA is synchronised at phase boundaries for honest numbers)."""
 
@@ -1441,20 +1690,24 @@ class PhaseTimer:
 
 
 class StopRequest:
-    """Ctrl-C asks the loop to finish the current step, save a checkpoint and exit; a second Ctrl-C aborts."""
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM and other schedulers send before pre-empting a job) asks the loop to
+    finish the current step, save a checkpoint and exit with 128 + the signal number; a second signal aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)  # handled signals
 
     def __init__(self, log):
-        self.requested, self.log = False, log
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.requested, self.signal_number, self.log = False, 0, log
+        self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.log("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.requested, self.signal_number = True, signum
+        self.log(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to abort)")
 
     def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
 
 
 def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):

@@ -219,11 +219,16 @@ def test_eval_only_reads_the_local_test_split_and_never_overwrites(grpo, summari
     before = (out / "eval_predictions.jsonl").read_bytes(), (out / "eval.jsonl").read_bytes()
     capsys.readouterr()
     assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
-                      "--eval_samples=2", *GREEDY_ARGS, f"--output_dir={out}"]) == 1
+                      "--eval_samples=2", *GREEDY_ARGS, f"--output_dir={out}"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and len(error.splitlines()) == 1
-    assert "eval_predictions.jsonl" in error and "--output_dir" in error
+    assert "eval_predictions.jsonl" in error and "--output_dir" in error and "--overwrite_output_dir=True" in error
     assert ((out / "eval_predictions.jsonl").read_bytes(), (out / "eval.jsonl").read_bytes()) == before
+    # ... unless asked to: the predictions are replaced, and eval.jsonl gains a line
+    assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
+                      "--eval_samples=2", *GREEDY_ARGS, f"--output_dir={out}", "--overwrite_output_dir=True"]) == 0
+    assert [p["index"] for p in read_jsonl(out / "eval_predictions.jsonl")] == [0, 1]
+    assert [r["articles"] for r in read_jsonl(out / "eval.jsonl")] == [5, 2]
 
     # --eval_samples given: the first eval_samples articles of the split.
     assert grpo.main([*EVAL_ARGS, f"--model_name={summarizer_dir}", "--eval_split=test", f"--test_file={test_file}",
