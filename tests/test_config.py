@@ -21,7 +21,7 @@ def test_parse_args_defaults():
     assert config.model_name == "facebook/bart-base"
     assert config.group_size == 8 and config.batch_size == 8 and config.micro_batch_size == 16
     assert config.beta == 0.04 and config.epsilon == 0.2 and config.epsilon_high is None
-    assert config.loss_type == "grpo" and config.scale_rewards is True
+    assert config.loss_type == "grpo" and config.scale_rewards == "group"
     assert config.resume is False and config.demo is False
     assert config.output_dir == "runs/grpo"
 
