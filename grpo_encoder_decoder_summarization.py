@@ -44,6 +44,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -480,7 +481,9 @@ def add_lora(policy, config: Config):
         lora_dropout=config.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
     try:
-        lora_policy = peft.get_peft_model(policy, lora_config)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated is_gradient_checkpointing: not ours
+            warnings.simplefilter("ignore", FutureWarning)
+            lora_policy = peft.get_peft_model(policy, lora_config)
     except ValueError as error:  # e.g. a target module name the model does not have
         raise UserError(f"--lora_target_modules={targets}: {str(error).splitlines()[0]}") from None
     if config.gradient_checkpointing:  # the frozen embeddings' output must require grad for checkpointed layers
