@@ -97,7 +97,7 @@ class Config:
     epsilon_high: float | None = None  # upper clip range, 1 + epsilon_high (DAPO clip-higher); None: epsilon
     num_iterations: int = 1  # mu: policy updates per rollout; > 1 scores an old policy once per rollout
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo | gspo | gspo_token (see grpo_loss)
-    scale_rewards: str = "group"  # divide advantages by the std of: group (each article's G), batch (all), none (Dr. GRPO)
+    scale_rewards: str = "group"  # advantages divided by the std of: group (its G), batch (all B*G), none (Dr. GRPO)
     mask_truncated_completions: bool = False  # leave summaries that hit max_new_tokens out of the loss
     # optional supervised warm-up (SFT first, then GRPO)
     sft_steps: int = 0  # teacher-forced cross-entropy steps on reference summaries before GRPO
@@ -118,7 +118,7 @@ class Config:
     keep_checkpoints: int = 2  # most recent checkpoints kept (the best one by best_metric is kept apart)
     best_metric: str = "rougeL"  # held-out metric that picks best/: rouge1, rouge2, rougeL or rougeLsum
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss
-    log_completions_every: int = 0  # every this many steps, write the G samples of a few articles to completions.jsonl; 0: off
+    log_completions_every: int = 0  # write G samples of 2 articles to completions.jsonl every N steps; 0: off
     report_to: str = "none"  # also log metrics to: none, wandb, tensorboard, or wandb,tensorboard (optional packages)
     output_dir: str = "runs/grpo"  # metrics, evaluations, checkpoints and the final model go here
     seed: int = 0  # seeds data order, sampling and initialization
@@ -1081,7 +1081,8 @@ def prepare_output_dir(config: Config, log) -> None:
     if config.resume:
         return
     stale = [name for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "checkpoints", "best", "final",
-                               "reference", "curves.png", "completions.jsonl", "tensorboard") if os.path.exists(os.path.join(config.output_dir, name))]
+                               "reference", "curves.png", "completions.jsonl", "tensorboard")
+             if os.path.exists(os.path.join(config.output_dir, name))]
     if stale:
         log(f"starting a fresh run in {config.output_dir}: replacing {', '.join(stale)} "
             "(use --resume=True to continue the earlier run instead)")
