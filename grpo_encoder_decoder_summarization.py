@@ -914,7 +914,8 @@ def validate_config(config: Config) -> None:
         (config.temperature > 0, "--temperature must be > 0"),
         (config.num_iterations >= 1, "--num_iterations must be >= 1"),
         (config.loss_type in LOSS_TYPES, f"--loss_type must be one of {', '.join(LOSS_TYPES)}"),
-        (config.scale_rewards in SCALE_REWARDS, f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)}"),
+        (config.scale_rewards in SCALE_REWARDS,
+         f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)} (the old True is group, False is none)"),
         (config.lora_r >= 0 and config.lora_alpha > 0, "--lora_r must be >= 0 (0: no LoRA) and --lora_alpha > 0"),
         (config.lora_dropout == 0, "--lora_dropout must be 0: GRPO runs the policy with dropout off (so that the "
                                    "ratio is 1 at mu = 1), which switches adapter dropout off too"),
@@ -1217,8 +1218,12 @@ class Trackers:
         if "wandb" in names:
             import wandb
 
-            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-summarization"),
-                                        dir=config.output_dir, config=dataclasses.asdict(config))
+            try:
+                self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-summarization"),
+                                            dir=config.output_dir, config=dataclasses.asdict(config))
+            except Exception as error:  # not logged in, no network, ...
+                raise UserError(f"--report_to=wandb: could not start a wandb run ({str(error).splitlines()[0]}); "
+                                "run `wandb login`, or set WANDB_MODE=offline to keep the run local") from None
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
