@@ -346,3 +346,28 @@ def test_missing_optional_package_is_one_error_line(grpo, flag, package, named, 
 def test_log_completions_every_rejects_negative(grpo):
     with pytest.raises(grpo.ConfigError, match="--log_completions_every"):
         grpo.validate_config(dataclasses.replace(grpo.Config(), log_completions_every=-1))
+
+
+def _batch_std_worker(rank: int, init_file: str, results) -> None:
+    import grpo_encoder_decoder_summarization as grpo
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rewards = torch.tensor([[0.0, 1.0, 2.0, 2.0], [4.0, 4.0, 0.5, 1.5]][rank])
+        results[rank] = grpo.batch_reward_std(rewards).item()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_batch_reward_std_under_two_processes_is_the_std_of_all_rewards(tmp_path):
+    """scale_rewards=batch under torchrun: both processes divide by the population std of all 8 rewards."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_batch_std_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        stds = [results[0], results[1]]
+    everything = torch.tensor([0.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 1.5])
+    # mean 1.875; squared deviations sum 15.375 -> population std sqrt(15.375 / 8) = 1.386317
+    assert everything.std(unbiased=False).item() == pytest.approx(1.386317, abs=1e-6)
+    assert stds == pytest.approx([1.386317, 1.386317], abs=1e-6)
