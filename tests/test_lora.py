@@ -63,6 +63,19 @@ def test_all_linear_adapts_every_linear_layer_except_the_lm_head(grpo, model, ti
     assert trained and all("lora_A" in name or "lora_B" in name for name in trained)
 
 
+def test_all_linear_on_pegasus_leaves_the_lm_head_alone(grpo):
+    from peft.tuners.lora import LoraLayer
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    model = PegasusForConditionalGeneration(PegasusConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32))
+    linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    policy = grpo.add_lora(model, grpo.Config(lora_r=2))
+    adapted = {name for name, module in policy.get_base_model().named_modules() if isinstance(module, LoraLayer)}
+    assert "lm_head" in linear and adapted == linear - {"lm_head"} and len(adapted) == 4 + 8 + 2 * 2
+
+
 def scoring_passes(grpo, config, policy, tokenizer, rows, forwards):
     """A rollout of `policy` on `rows`, then the per-token log-probs of its samples under each forward."""
     rollout, _ = grpo.rollout_step(policy, tokenizer, rows, config, torch.device("cpu"),
