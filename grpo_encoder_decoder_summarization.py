@@ -50,6 +50,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,13 +103,18 @@ class Config:
     epsilon: float = 0.2  # epsilon: lower clip range of the ratio, 1 - epsilon
     epsilon_high: float | None = None  # upper clip range, 1 + epsilon_high (DAPO clip-higher); None: epsilon
     num_iterations: int = 1  # mu: policy updates per rollout; > 1 scores an old policy once per rollout
-    loss_type: str = "grpo"  # grpo | dapo | dr_grpo | gspo (see grpo_loss)
-    scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO sets this to False)
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo | gspo | gspo_token (see grpo_loss)
+    scale_rewards: str = "group"  # advantages divided by the std of: group (its G), batch (all B*G), none (Dr. GRPO)
     mask_truncated_completions: bool = False  # leave summaries that hit max_new_tokens out of the loss
     # optional supervised warm-up (SFT first, then GRPO)
     sft_steps: int = 0  # teacher-forced cross-entropy steps on reference summaries before GRPO
     sft_learning_rate: float = 5e-5  # AdamW learning rate of the SFT phase
     sft_batch_size: int = 16  # articles per SFT step and process
+    # optional LoRA (peft): train low-rank adapters only; the reference is the same model with adapters off
+    lora_r: int = 0  # LoRA rank r; 0: full fine-tuning (no adapters)
+    lora_alpha: int = 32  # LoRA scaling alpha (the adapter update is scaled by alpha / r)
+    lora_dropout: float = 0.0  # must stay 0: GRPO scores with dropout off (ratio = 1 at mu = 1)
+    lora_target_modules: str = "all-linear"  # peft target_modules: all-linear (not the LM head) or names, e.g. q,v
     # loop, evaluation, checkpoints
     max_steps: int = 1000  # GRPO steps
     eval_every: int = 100  # held-out ROUGE every this many steps (and before and after training)
@@ -122,6 +128,8 @@ class Config:
     keep_checkpoints: int = 2  # most recent checkpoints kept (the best one by best_metric is kept apart)
     best_metric: str = "rougeL"  # held-out metric that picks best/: rouge1, rouge2, rougeL or rougeLsum
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss
+    log_completions_every: int = 0  # write G samples of 2 articles to completions.jsonl every N steps; 0: off
+    report_to: str = "none"  # also log metrics to: none, wandb, tensorboard, or wandb,tensorboard (optional packages)
     output_dir: str = "runs/grpo"  # metrics, evaluations, checkpoints and the final model go here
     seed: int = 0  # seeds data order, sampling and initialization
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
@@ -142,7 +150,10 @@ DEMO_CONFIG = dict(
 )
 BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0)  # --benchmark: the demo's setup, timed
 DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "gspo_token")
+SCALE_REWARDS = ("group", "batch", "none")  # --scale_rewards choices, as in TRL
+TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --report_to name -> package it needs
+COMPLETION_ARTICLES = 2  # articles per logged step whose G samples go to completions.jsonl
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 EVAL_SPLITS = ("validation", "test")  # --eval_split values
 EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
@@ -151,18 +162,35 @@ EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
 # --------------------------------------------------------------------------------------------------
 # GRPO step 1/4, the math: advantages, masks, log-probs and the loss (pure tensor functions)
 # --------------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + eps), over each group of G contiguous samples.
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group",
+                     batch_std: torch.Tensor | None = None) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std + eps), the mean over each group of G contiguous samples (TRL's scale_rewards):
 
-    std is the population std (divides by G). A group whose rewards are all equal gets A = 0.
-    With scale=False (Dr. GRPO) the advantage is only r_i - mean_g r.
+    scale = "group": std = std_g r, the std of the sample's own group (GRPO);
+            "batch": std = the std of all rewards of the batch (batch_std if given: under torchrun, of every
+                     process's rewards), one number for every group;
+            "none":  no division, A_i = r_i - mean_g r (Dr. GRPO).
+    Every std is the population std (divides by the count). A group whose rewards are all equal gets A = 0.
     """
     grouped = rewards.view(-1, group_size)  # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
-    if scale:
+    if scale == "group":
         centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / ((rewards.std(unbiased=False) if batch_std is None else batch_std) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALE_REWARDS}")
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1): the float mean can be 1 ulp off
     return centered.masked_fill(all_equal, 0.0).reshape(-1)  # (B*G,)
+
+
+def batch_reward_std(rewards: torch.Tensor) -> torch.Tensor:
+    """Population std of the rewards of the whole step: under torchrun, of every process's rewards together."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rewards.std(unbiased=False)
+    parts = [torch.empty_like(rewards) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, rewards)  # every process has B*G rewards
+    return torch.cat(parts).std(unbiased=False)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +231,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return chosen - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (N, T)
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v with p = softmax(logits), per position: logits (N, T, V) -> (N, T), no gradient.
+
+    One (T, V) row at a time, like token_logprobs, so no (N, T, V) temporary is made.
+    """
+    entropies = []
+    for row in logits:  # (T, V)
+        log_p = torch.log_softmax(row, dim=-1)
+        entropies.append(-(log_p.exp() * log_p).sum(dim=-1))
+    return torch.stack(entropies)  # (N, T)
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -226,15 +267,23 @@ def grpo_loss(
                         constant, so no sequence length enters the gradient's scale
                gspo:    as grpo, but the ratio is the sequence's exp(mean masked log-ratio), clipped per
                         sequence (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
-    Returns (loss, stats) with stats kl (mean over masked tokens) and clip_fraction (share of masked tokens
-    whose ratio was clipped in the direction that stops the gradient).
+               gspo_token: as grpo, with token ratio = sg(s_i) * pi_theta(y_t) / sg(pi_theta(y_t)), where s_i is
+                        gspo's sequence ratio and sg() stops the gradient (GSPO-token; TRL
+                        importance_sampling_level="sequence_token"). Every token's ratio has the value s_i, and
+                        its gradient is s_i * grad log pi_theta(y_t); as the advantage is one number per
+                        sequence, loss and gradient equal gspo's exactly (tested).
+    Returns (loss, stats) with stats kl (mean over masked tokens), clip_fraction_low / clip_fraction_high (share
+    of masked tokens whose ratio was clipped below 1 - epsilon with A < 0 / above 1 + epsilon_high with A > 0:
+    the clips that stop the gradient) and clip_fraction, their sum.
     """
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logprobs.dtype)
     tokens_per_sequence = mask.sum(dim=1).clamp(min=1)  # (N,)
     log_ratio = logprobs - old_logprobs  # (N, T)
-    if loss_type == "gspo":
-        log_ratio = ((log_ratio * mask).sum(dim=1) / tokens_per_sequence).unsqueeze(1)  # (N, 1)
+    if loss_type in ("gspo", "gspo_token"):
+        sequence_log_ratio = ((log_ratio * mask).sum(dim=1) / tokens_per_sequence).unsqueeze(1)  # (N, 1)
+        log_ratio = (sequence_log_ratio if loss_type == "gspo"  # gspo_token: (N, T), value s_i, gradient per token
+                     else sequence_log_ratio.detach() + logprobs - logprobs.detach())
     ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) for gspo
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     A = advantages.unsqueeze(1)  # (N, 1)
@@ -242,7 +291,7 @@ def grpo_loss(
     log_ref_ratio = ref_logprobs - logprobs  # (N, T)
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (N, T)
     objective = (policy_objective - beta * kl) * mask  # (N, T)
-    if loss_type in ("grpo", "gspo"):
+    if loss_type in ("grpo", "gspo", "gspo_token"):
         loss = -(objective.sum(dim=1) / tokens_per_sequence).mean()
     elif loss_type == "dapo":
         loss = -objective.sum() / mask.sum().clamp(min=1)
@@ -251,9 +300,12 @@ def grpo_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     with torch.no_grad():
-        clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))  # (N, T) or (N, 1)
+        clipped_low = (ratio < 1 - epsilon) & (A < 0)  # (N, T) or (N, 1)
+        clipped_high = (ratio > 1 + epsilon_high) & (A > 0)  # (N, T) or (N, 1)
         token_count = mask.sum().clamp(min=1)
-        stats = {"kl": (kl * mask).sum() / token_count, "clip_fraction": (clipped * mask).sum() / token_count}
+        stats = {"kl": (kl * mask).sum() / token_count, "clip_fraction_low": (clipped_low * mask).sum() / token_count,
+                 "clip_fraction_high": (clipped_high * mask).sum() / token_count}
+        stats["clip_fraction"] = stats["clip_fraction_low"] + stats["clip_fraction_high"]
     return loss, stats
 
 
@@ -268,7 +320,7 @@ def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torc
     if loss_type == "dapo":
         total = full_mask.sum() if world_token_count is None else torch.tensor(float(world_token_count))
         return float(micro_mask.sum() * world_size / total.clamp(min=1))
-    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo: mean over sequences; dr_grpo: same N * L
+    return micro_mask.size(0) / full_mask.size(0)  # grpo, gspo(_token): mean over sequences; dr_grpo: same N * L
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +356,8 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
         articles = [text for text in batch_rows[config.text_column] for _ in range(config.group_size)]
         rewards = torch.tensor(checked_rewards(compute_rewards(summaries, references, articles, config), summaries),
                                dtype=torch.float32, device=device)
-        advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards)
+        advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards,
+                                      batch_std=batch_reward_std(rewards) if config.scale_rewards == "batch" else None)
     if config.mask_truncated_completions:
         mask = mask * (~truncated).unsqueeze(1)
     mask = exclude_forced_tokens(mask, getattr(policy.generation_config, "forced_bos_token_id", None))
@@ -315,6 +368,12 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
              "reward_max": rewards.max().item(), "zero_std_groups": zero_std_groups.float().mean().item(),
              "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
              "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
+    G = config.group_size  # the first few articles' samples, for completions.jsonl (--log_completions_every)
+    stats["completions"] = [
+        {"reference": batch_rows[config.summary_column][article],
+         "samples": [{"summary": summaries[i], "reward": rewards[i].item(), "advantage": advantages[i].item()}
+                     for i in range(article * G, (article + 1) * G)]}
+        for article in range(min(COMPLETION_ARTICLES, len(batch_rows[config.summary_column])))]
     return rollout, stats
 
 
@@ -346,7 +405,7 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
         world_token_count = rollout.mask.sum().double()
         torch.distributed.all_reduce(world_token_count)  # once per rollout
         world_token_count, world_size = world_token_count.item(), torch.distributed.get_world_size()
-    for _ in range(config.num_iterations):
+    for iteration in range(config.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
@@ -356,7 +415,11 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
                 with timer("time_forward"), autocast(device):
                     logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
                                             rollout.decoder_input_ids[samples], config.group_size)
-                    logprobs = token_logprobs(logits.float() / config.temperature, rollout.completion_ids[samples])
+                    scaled_logits = logits.float() / config.temperature  # (n, T, V)
+                    logprobs = token_logprobs(scaled_logits, rollout.completion_ids[samples])
+                    if iteration == 0:  # mean token entropy of pi_old, the policy that sampled
+                        entropy = (token_entropy(scaled_logits) * rollout.mask[samples]).sum().item()
+                        totals["entropy"] += entropy / token_total
                     old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
                     loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
                                             rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
@@ -368,7 +431,8 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
             step_loss += loss.item() * weight
             tokens = rollout.mask[samples].sum().item()
             totals["kl"] += stats["kl"].item() * tokens / token_total / config.num_iterations
-            totals["clip_fraction"] += stats["clip_fraction"].item() * tokens / token_total / config.num_iterations
+            for key in ("clip_fraction", "clip_fraction_low", "clip_fraction_high"):
+                totals[key] += stats[key].item() * tokens / token_total / config.num_iterations
         with timer("time_optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -399,11 +463,12 @@ def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, 
         with timer("time_old"):
             rollout.old_logprobs = sequence_logprobs_no_grad(GroupedSeq2Seq(policy), rollout, config, device)
     update_stats = grpo_update(policy_forward, optimizer, scheduler, rollout, config, device, timer)
-    numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if not isinstance(v, str)}
+    numbers = {k: float(v) for k, v in {**rollout_stats, **update_stats}.items() if isinstance(v, (int, float))}
     numbers.setdefault("nonfinite_updates", 0.0)
     numbers["generated_tokens"] = float(rollout.mask.sum())
     update_seconds = sum(timer.seconds[k] for k in ("time_forward", "time_backward", "time_optimizer"))
-    return {**numbers, **timer.seconds, "time_update": update_seconds, "seconds": time.perf_counter() - started}
+    return {**numbers, **timer.seconds, "time_update": update_seconds, "seconds": time.perf_counter() - started,
+            "completions": rollout_stats["completions"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,6 +507,48 @@ def load_policy_and_tokenizer(config: Config, device: torch.device):
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of {name!r} needs a pad and an eos token")
     return policy.to(device), tokenizer
+
+
+def add_lora(policy, config: Config):
+    """Wrap the policy in peft LoRA adapters (a PeftModel): from now on only the adapters train.
+
+    Called after SFT, so the base weights under the adapters are the model as GRPO starts; the adapters start
+    as a no-op (peft initializes B = 0), so at step 1 the policy equals that model.
+    """
+    import peft
+
+    targets = config.lora_target_modules.strip()
+    lora_config = peft.LoraConfig(
+        task_type=peft.TaskType.SEQ_2_SEQ_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated is_gradient_checkpointing: not ours
+            warnings.simplefilter("ignore", FutureWarning)
+            lora_policy = peft.get_peft_model(policy, lora_config)
+    except ValueError as error:  # e.g. a target module name the model does not have
+        raise UserError(f"--lora_target_modules={targets}: {str(error).splitlines()[0]}") from None
+    if config.gradient_checkpointing:  # the frozen embeddings' output must require grad for checkpointed layers
+        lora_policy.enable_input_require_grads()
+    return lora_policy
+
+
+def is_lora(model) -> bool:
+    """Whether the model is a peft LoRA PeftModel (add_lora)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+class AdaptersDisabled(torch.nn.Module):
+    """pi_ref for a LoRA policy: the same weights with the adapters switched off (peft's disable_adapter), so
+    the reference costs no second copy of the model. Call it under no_grad, outside DDP."""
+
+    def __init__(self, lora_policy):
+        super().__init__()
+        self.grouped = GroupedSeq2Seq(lora_policy)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with self.grouped.model.disable_adapter():
+            return self.grouped(*args, **kwargs)
 
 
 def set_grpo_mode(policy, config: Config) -> None:
@@ -520,6 +627,7 @@ def generate(model, encoded: dict, settings) -> torch.Tensor:
     min_length, no_repeat_ngram_size or forced_eos_token_id would silently change what we sample (and then
     score as if sampled). The model's own generation_config is set aside for the call.
     """
+    model = model.get_base_model() if is_lora(model) else model  # the adapters live inside the base model
     saved, model.generation_config = model.generation_config, settings
     try:
         return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
@@ -730,27 +838,38 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     train_rows, held_out = load_data(config, log)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
     set_grpo_mode(policy, config)
-    policy_forward = GroupedSeq2Seq(policy)
-    if config.compile:
-        policy_forward = torch.compile(policy_forward)
-    if dist.world_size > 1:
-        policy_forward = torch.nn.parallel.DistributedDataParallel(
-            policy_forward, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def forward_of(model):  # the training forward: compiled and/or DDP-wrapped as asked
+        forward = GroupedSeq2Seq(model)
+        if config.compile:
+            forward = torch.compile(forward)
+        if dist.world_size > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None)
+        return forward
+
+    policy_forward = None if config.lora_r > 0 else forward_of(policy)  # LoRA: built once the adapters are on
     reference_dir = os.path.join(config.output_dir, "reference")
     if dist.is_main:  # once data and model have loaded (a bad data file leaves no "earlier run" behind)
         write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     if not checkpoints and config.sft_steps > 0:
-        sft_warmup(policy_forward, policy, tokenizer, train_rows, config, device, dist, log)
-        if dist.is_main:
-            save_pretrained_atomic(policy, tokenizer, reference_dir)  # pi_ref for a resumed run
-    if checkpoints and os.path.isdir(reference_dir):
+        sft_warmup(policy_forward or forward_of(policy), policy, tokenizer, train_rows, config, device, dist, log)
+        if dist.is_main:  # pi_ref for a resumed run (with LoRA: the base the adapter of final/adapter applies to)
+            save_pretrained_atomic(policy, tokenizer, reference_dir)
+    if config.lora_r > 0:  # adapters after SFT: switched off, they give the post-SFT model, pi_ref (no copy)
+        policy = add_lora(policy, config)
+        set_grpo_mode(policy, config)
+        policy_forward = forward_of(policy)
+        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        log(f"lora: training {trained:,} of {sum(p.numel() for p in policy.parameters()):,} parameters")
+    elif checkpoints and os.path.isdir(reference_dir):
         from transformers import AutoModelForSeq2SeqLM
 
         reference = frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(
             reference_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code).to(device))
     else:
         reference = frozen_copy(policy)  # pi_ref: the policy as GRPO starts (after SFT, if any)
-    reference_forward = GroupedSeq2Seq(reference)
+    reference_forward = AdaptersDisabled(policy) if config.lora_r > 0 else GroupedSeq2Seq(reference)
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -763,11 +882,15 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
             log(f"--max_steps={config.max_steps}: the {config.lr_scheduler} schedule now runs over {config.max_steps} "
                 f"steps; the next update uses lr {new_lr:.4g} (the schedule's value at step {state.step}), not {old_lr:.4g}")
         if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
-            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl"):
+            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl",
+                         "completions.jsonl"):
                 keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
         log(f"resumed from {checkpoints[-1]} at step {state.step}")
     else:
-        record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
+        first_evaluation = record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
+    trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), state.step + 1)
+    if not checkpoints:
+        trackers.log("eval", {"step": 0, **first_evaluation})
 
     def checkpoint() -> None:
         rng_states = dist.gather_in_order([(dist.rank, rng_state())])
@@ -783,6 +906,13 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
                                             dist.rank, dist.world_size)]
             numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
                                 config, device)
+            completions = numbers.pop("completions")
+            if dist.is_main and config.log_completions_every and step % config.log_completions_every == 0:
+                indices = batch_indices(step - 1, config.batch_size, len(train_rows), config.seed, dist.rank,
+                                        dist.world_size)
+                for index, article, logged in zip(indices, rows[config.text_column], completions):
+                    append_jsonl(os.path.join(config.output_dir, "completions.jsonl"),
+                                 {"step": step, "article_index": index, "article": article, **logged})
             skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
             state.step = step
             state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
@@ -798,13 +928,15 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
             metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
             if dist.is_main:
                 append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
+                trackers.log("train", metrics)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
             if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
                 raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
                                 "try a lower --learning_rate or --max_grad_norm")
             if step % config.eval_every == 0 or step == config.max_steps:
-                record_evaluation(config, dist, step, policy, tokenizer, held_out, state, log)
+                trackers.log("eval", {"step": step, **record_evaluation(config, dist, step, policy, tokenizer,
+                                                                        held_out, state, log)})
             interrupted = dist.any(stop.requested)
             if step % config.save_every == 0 or step == config.max_steps or interrupted:
                 checkpoint()
@@ -817,6 +949,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     finally:
         stop.restore()
         progress.close()
+        trackers.close()
     log_truncated_articles(state, config, dist, log)
     if dist.world_size > 1:  # DDP keeps the copies identical; say so, or fail loudly if they drifted apart
         checksums = dist.gather_in_order([(dist.rank, sum(p.double().sum().item() for p in policy.parameters()))])
@@ -936,6 +1069,15 @@ def validate_config(config: Config) -> None:
         (config.temperature > 0, "--temperature must be > 0"),
         (config.num_iterations >= 1, "--num_iterations must be >= 1"),
         (config.loss_type in LOSS_TYPES, f"--loss_type must be one of {', '.join(LOSS_TYPES)}"),
+        (config.scale_rewards in SCALE_REWARDS,
+         f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)} (the old True is group, False is none)"),
+        (config.lora_r >= 0 and config.lora_alpha > 0, "--lora_r must be >= 0 (0: no LoRA) and --lora_alpha > 0"),
+        (config.lora_dropout == 0, "--lora_dropout must be 0: GRPO runs the policy with dropout off (so that the "
+                                   "ratio is 1 at mu = 1), which switches adapter dropout off too"),
+        (config.lora_target_modules.strip(",") != "", "--lora_target_modules must be all-linear or module names, e.g. q,v"),
+        (config.log_completions_every >= 0, "--log_completions_every must be >= 0 (0: off)"),
+        (all(name in TRACKERS for name in report_to_names(config)),
+         f"--report_to must be none or a comma-separated list of {', '.join(TRACKERS)}"),
         (config.max_new_tokens >= 1 and config.max_source_length >= 1, "--max_new_tokens and --max_source_length must be >= 1"),
         (config.max_steps >= 0 and config.sft_steps >= 0, "--max_steps and --sft_steps must be >= 0"),
         (min(config.eval_every, config.save_every, config.eval_batch_size, config.sft_batch_size) >= 1,
@@ -976,6 +1118,19 @@ def validate_config(config: Config) -> None:
     if looks_like_local_path(config.model_name) and not os.path.isdir(model_path):
         raise UserError(f"--model_name={config.model_name}: the directory {model_path} does not exist (a local path; "
                         "for a hub model pass its id, e.g. facebook/bart-base)")
+    import importlib.util
+
+    needed = [(TRACKERS[name], f"--report_to={name}") for name in report_to_names(config)]
+    needed += [("peft", "--lora_r > 0")] if config.lora_r > 0 else []
+    for package, flag in needed:  # optional packages: checked here, imported only where used
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{flag} needs the {package} package, which is not installed: pip install {package}")
+
+
+def report_to_names(config: Config) -> list[str]:
+    """The trackers named by --report_to (none -> [])."""
+    names = [name.strip() for name in config.report_to.split(",") if name.strip()]
+    return [] if names == ["none"] else names
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -1306,14 +1461,15 @@ RUN_CONFIG_FILE = "run_config.json"  # the resolved config of the run, in output
 # fields added later). max_steps may change too: the lr schedule is then defined over the new max_steps.
 RESUME_BOOKKEEPING_FIELDS = frozenset({
     "eval_every", "eval_batch_size", "num_examples", "save_every", "keep_checkpoints", "max_nonfinite_steps",
-    "output_dir", "device", "compile", "gradient_checkpointing", "micro_batch_size", "max_steps"})
+    "output_dir", "device", "compile", "gradient_checkpointing", "micro_batch_size", "max_steps",
+    "log_completions_every", "report_to"})
 RESUME_IGNORED_FIELDS = frozenset({"resume", "overwrite_output_dir"})  # differ on every resume: not compared
 
 
 def earlier_run_files(output_dir: str) -> list[str]:
     """The files and folders of an earlier run (or benchmark) in output_dir."""
-    names = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "checkpoints", "best",
-             "final", "reference", "curves.png", RUN_CONFIG_FILE, "benchmark.json")
+    names = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl",
+             "checkpoints", "best", "final", "reference", "curves.png", "tensorboard", RUN_CONFIG_FILE, "benchmark.json")
     return [name for name in names if os.path.exists(os.path.join(output_dir, name))]
 
 
@@ -1526,10 +1682,20 @@ def continue_lr_schedule(scheduler, optimizer) -> tuple[float, float]:
 
 
 def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
-    """save_pretrained into directory.tmp, then swap it in, so a kill never leaves half a model."""
+    """save_pretrained into directory.tmp, then swap it in, so a kill never leaves half a model.
+
+    A LoRA policy is saved merged (a plain model: AutoModelForSeq2SeqLM.from_pretrained loads it), from a merged
+    copy so the training model is never changed, and its adapter alone goes to directory/adapter.
+    """
+    import copy
+
     temporary = directory.rstrip("/") + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
+    if is_lora(model):
+        copy.deepcopy(model).merge_and_unload().save_pretrained(temporary)
+        model.save_pretrained(os.path.join(temporary, "adapter"))
+    else:
+        model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(temporary, directory)
@@ -1556,6 +1722,47 @@ def keep_lines_up_to(path: str, step: int) -> None:
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")
+
+
+class Trackers:
+    """--report_to: the numbers of metrics.jsonl (as train/<name>) and eval.jsonl (as eval/<name>), at their GRPO
+    step, sent to Weights & Biases (a run in output_dir/wandb; project from $WANDB_PROJECT) and/or TensorBoard
+    (event files in output_dir/tensorboard). Each package is imported only when named."""
+
+    def __init__(self, config: Config, first_step: int = 1):
+        names = report_to_names(config)
+        self.wandb_run = self.tensorboard = None
+        if "wandb" in names:
+            import wandb
+
+            try:
+                self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-summarization"),
+                                            dir=config.output_dir, config=dataclasses.asdict(config))
+            except Exception as error:  # not logged in, no network, ...
+                raise UserError(f"--report_to=wandb: could not start a wandb run ({str(error).splitlines()[0]}); "
+                                "run `wandb login`, or set WANDB_MODE=offline to keep the run local") from None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(config.output_dir, "tensorboard"),  # resume: drop the
+                                             purge_step=first_step if config.resume else None)  # killed run's tail
+
+    def log(self, prefix: str, record: dict) -> None:
+        values = {f"{prefix}/{key}": value for key, value in record.items()
+                  if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def plot_curves(output_dir: str) -> str | None:
@@ -2204,9 +2411,14 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     train_rows, _ = load_data(config, log)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
     set_grpo_mode(policy, config)
-    reference_forward = GroupedSeq2Seq(frozen_copy(policy))
+    if config.lora_r > 0:
+        policy = add_lora(policy, config)
+        set_grpo_mode(policy, config)
+        reference_forward = AdaptersDisabled(policy)
+    else:
+        reference_forward = GroupedSeq2Seq(frozen_copy(policy))
     policy_forward = torch.compile(GroupedSeq2Seq(policy)) if config.compile else GroupedSeq2Seq(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
     scheduler = get_scheduler("constant", optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -2221,7 +2433,10 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     seconds = totals.pop("seconds")
     result = {"device": str(device), "steps": config.max_steps, "batch_size": config.batch_size,
               "group_size": config.group_size, "max_new_tokens": config.max_new_tokens,
-              "num_iterations": config.num_iterations, "steps_per_second": config.max_steps / seconds,
+              "num_iterations": config.num_iterations, "lora_r": config.lora_r,
+              "trained_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+              "total_parameters": sum(p.numel() for p in policy.parameters()),
+              "steps_per_second": config.max_steps / seconds,
               "articles_per_second": config.max_steps * config.batch_size / seconds,
               "generated_tokens_per_second": totals.pop("generated_tokens") / seconds,
               **{f"share_{k.removeprefix('time_')}": v / seconds for k, v in sorted(totals.items())},

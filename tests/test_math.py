@@ -51,10 +51,10 @@ def test_group_advantages_groups_are_contiguous():
 
 def test_group_advantages_scale_false_is_reward_minus_group_mean():
     rewards = torch.tensor([1.0, 3.0, 10.0, 10.0], dtype=torch.float64)
-    torch.testing.assert_close(grpo.group_advantages(rewards, 2, scale=False),
+    torch.testing.assert_close(grpo.group_advantages(rewards, 2, scale="none"),
                                torch.tensor([-1.0, 1.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=0)
     rewards = torch.tensor([0.0, 1.0, 2.0, 5.0], dtype=torch.float64)
-    torch.testing.assert_close(grpo.group_advantages(rewards, 4, scale=False),
+    torch.testing.assert_close(grpo.group_advantages(rewards, 4, scale="none"),
                                torch.tensor([-2.0, -1.0, 0.0, 3.0], dtype=torch.float64), rtol=0, atol=0)
 
 
