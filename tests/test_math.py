@@ -174,8 +174,11 @@ EXPECTED_LOSS = {
     "dapo": -(ROW0 + ROW1) / 5,  # over the 5 real tokens
     "dr_grpo": -(ROW0 + ROW1) / 6,  # over N*T = 6
     "gspo": -(GSPO_ROW0 / 3 + GSPO_ROW1 / 2) / 2,
+    # gspo_token: each token's ratio sg(s_i) * pi/sg(pi) has the value of gspo's sequence ratio s_i, and the
+    # advantage is per sequence, so every token's clipped objective is gspo's: the same loss
+    "gspo_token": -(GSPO_ROW0 / 3 + GSPO_ROW1 / 2) / 2,
 }
-EXPECTED_LOSS_DECIMALS = {"grpo": -0.252681, "dapo": -0.405036, "dr_grpo": -0.337530, "gspo": -0.350277}
+EXPECTED_LOSS_DECIMALS = {"grpo": -0.252681, "dapo": -0.405036, "dr_grpo": -0.337530, "gspo": -0.350277, "gspo_token": -0.350277}
 
 
 def hand_case(dtype=torch.float64):
@@ -214,6 +217,7 @@ def test_grpo_loss_ratio_one_when_logprobs_equal_old(loss_type):
       dr_grpo:   loss = -(3 - 1) / 6 = -1/3, grad = -A_i / 6
     """
     expected = {"grpo": (-0.25, [-1 / 6, 0.125]), "gspo": (-0.25, [-1 / 6, 0.125]),
+                "gspo_token": (-0.25, [-1 / 6, 0.125]),
                 "dapo": (-0.4, [-1 / 5, 0.5 / 5]), "dr_grpo": (-1 / 3, [-1 / 6, 0.5 / 6])}[loss_type]
     logp0, _, _, adv, mask = hand_case()
     logp = logp0.clone().requires_grad_(True)
