@@ -797,35 +797,70 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
 # The main loop: build the run, then batch -> grpo_step -> log -> evaluate/save
 # --------------------------------------------------------------------------------------------------
 def train(config: Config, given: set[str] = frozenset()) -> int:
-    """The whole run. Returns the exit code (0, or 130 after Ctrl-C / 143 after SIGTERM with a checkpoint saved)."""
-    import transformers
+    """The whole run: set it up, then per step: a batch -> grpo_step -> log -> evaluate / save.
+
+    Returns the exit code: 0, or 130 after Ctrl-C / 143 after SIGTERM, with a checkpoint saved.
+    """
+    config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
+    run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state if resumed
+    if run.state.step == 0:
+        evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
+    stop, progress = StopRequest(log), tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main,
+                                                initial=run.state.step)
+    try:
+        for step in range(run.state.step + 1, config.max_steps + 1):
+            # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
+            indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
+                                    dist.world_size)
+            rows = run.train_rows[indices]
+            # 2. GRPO: sample G summaries per article, reward them, score them under pi_ref, update pi_theta
+            numbers = grpo_step(run.policy, run.policy_forward, run.reference_forward, run.tokenizer, rows,
+                                run.optimizer, run.scheduler, config, dist.device)
+            # 3. log: metrics.jsonl (and trackers, completions.jsonl); stop after too many NaN steps in a row
+            metrics = log_step(run, step, indices, rows, numbers)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+            # 4. held-out ROUGE every eval_every steps (best/ follows it), a checkpoint every save_every steps
+            if step % config.eval_every == 0 or step == config.max_steps:
+                evaluate_and_log(run, step)
+            interrupted = dist.any(stop.requested)  # Ctrl-C or SIGTERM on any process
+            if step % config.save_every == 0 or step == config.max_steps or interrupted:
+                save_run_checkpoint(run)
+            if interrupted:
+                return stopped_early(run, stop)
+    finally:
+        stop.restore()
+        progress.close()
+        run.trackers.close()
+    finish_run(run)  # final/, curves.png, the demo's comparison
+    return 0
+
+
+@dataclass
+class Run:
+    """What a GRPO run holds, built by build_run (the loop above, the benchmark and the tests use it)."""
+
+    config: Config
+    dist: "Distributed"
+    log: typing.Callable[[str], None]
+    train_rows: "datasets.Dataset"
+    held_out: "datasets.Dataset"  # eval_samples rows (none with --eval_samples=0)
+    policy: torch.nn.Module  # pi_theta (a peft model with LoRA)
+    tokenizer: typing.Any
+    policy_forward: torch.nn.Module  # GroupedSeq2Seq(policy), compiled and/or DDP-wrapped as asked
+    reference_forward: torch.nn.Module  # pi_ref: a frozen copy, or the policy with its adapters off (LoRA)
+    optimizer: torch.optim.Optimizer
+    scheduler: typing.Any
+    state: TrainerState
+    trackers: "Trackers"
+
+
+def build_run(config: Config, dist: "Distributed", log) -> Run:
+    """Data, the policy (after SFT, with LoRA adapters if asked), pi_ref, AdamW and the lr schedule; on --resume the
+    newest checkpoint's weights, optimizer, schedule, counters and random state."""
     from transformers import get_scheduler
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    dist = setup_distributed(config)
     device = dist.device
-    from tqdm import tqdm
-
-    def log(message: str) -> None:
-        if dist.is_main:
-            tqdm.write(message, file=sys.stderr)
-
-    check_output_dir(config)
-    if dist.is_main:
-        prepare_output_dir(config, log)
-        ensure_punkt()
-    dist.barrier()
-    if device.type == "cpu":
-        threads = cpu_thread_count(os.environ, available_cpu_cores())
-        if threads is not None:
-            torch.set_num_threads(threads)
-        log(f"cpu: {torch.get_num_threads()} threads per process (set OMP_NUM_THREADS to choose; runs are bit-exact "
-            "only with the same thread count)")
-    if config.demo or config.benchmark:
-        config = prepare_demo(config, dist, log, given)
-    if config.benchmark:
-        return run_benchmark(config, dist, log)
     checkpoints = checkpoint_files(config.output_dir) if config.resume else []
     if config.resume and not checkpoints:
         raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
@@ -862,15 +897,14 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         policy_forward = forward_of(policy)
         trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         log(f"lora: training {trained:,} of {sum(p.numel() for p in policy.parameters()):,} parameters")
+        reference_forward = AdaptersDisabled(policy)
     elif checkpoints and os.path.isdir(reference_dir):
         from transformers import AutoModelForSeq2SeqLM
 
-        reference = frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(
-            reference_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code).to(device))
+        reference_forward = GroupedSeq2Seq(frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(
+            reference_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code).to(device)))
     else:
-        reference = frozen_copy(policy)  # pi_ref: the policy as GRPO starts (after SFT, if any)
-    reference_forward = AdaptersDisabled(policy) if config.lora_r > 0 else GroupedSeq2Seq(reference)
-
+        reference_forward = GroupedSeq2Seq(frozen_copy(policy))  # pi_ref: the policy as GRPO starts (after SFT)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
@@ -886,89 +920,117 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
                          "completions.jsonl"):
                 keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
         log(f"resumed from {checkpoints[-1]} at step {state.step}")
-    else:
-        first_evaluation = record_evaluation(config, dist, 0, policy, tokenizer, held_out, state, log)
     trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), state.step + 1)
-    if not checkpoints:
-        trackers.log("eval", {"step": 0, **first_evaluation})
-
-    def checkpoint() -> None:
-        rng_states = dist.gather_in_order([(dist.rank, rng_state())])
-        if dist.is_main:
-            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints,
-                            config)
-
-    stop = StopRequest(log)
-    progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=state.step)
-    try:
-        for step in range(state.step + 1, config.max_steps + 1):
-            rows = train_rows[batch_indices(step - 1, config.batch_size, len(train_rows), config.seed,
-                                            dist.rank, dist.world_size)]
-            numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
-                                config, device)
-            completions = numbers.pop("completions")
-            if dist.is_main and config.log_completions_every and step % config.log_completions_every == 0:
-                indices = batch_indices(step - 1, config.batch_size, len(train_rows), config.seed, dist.rank,
-                                        dist.world_size)
-                for index, article, logged in zip(indices, rows[config.text_column], completions):
-                    append_jsonl(os.path.join(config.output_dir, "completions.jsonl"),
-                                 {"step": step, "article_index": index, "article": article, **logged})
-            skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
-            state.step = step
-            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
-            state.nonfinite_total += skipped
-            if skipped:
-                log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped "
-                    f"({state.nonfinite_in_a_row} in a row)")
-            numbers["articles"] = float(len(rows[config.text_column]))
-            metrics = {"step": step, **dist.mean(numbers), "lr": scheduler.get_last_lr()[0]}
-            for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
-                metrics[count] = round(metrics[count] * dist.world_size)
-            state.articles_truncated += metrics["articles_truncated"]
-            metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
-            if dist.is_main:
-                append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
-                trackers.log("train", metrics)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-            if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
-                raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
-                                "try a lower --learning_rate or --max_grad_norm")
-            if step % config.eval_every == 0 or step == config.max_steps:
-                trackers.log("eval", {"step": step, **record_evaluation(config, dist, step, policy, tokenizer,
-                                                                        held_out, state, log)})
-            interrupted = dist.any(stop.requested)
-            if step % config.save_every == 0 or step == config.max_steps or interrupted:
-                checkpoint()
-            if interrupted:
-                progress.close()
-                log_truncated_articles(state, config, dist, log)
-                log(f"stopped at step {step}; checkpoint saved. Continue with: python {sys.argv[0]} "
-                    f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
-                return 128 + dist.max(stop.signal_number)
-    finally:
-        stop.restore()
-        progress.close()
-        trackers.close()
-    log_truncated_articles(state, config, dist, log)
-    if dist.world_size > 1:  # DDP keeps the copies identical; say so, or fail loudly if they drifted apart
-        checksums = dist.gather_in_order([(dist.rank, sum(p.double().sum().item() for p in policy.parameters()))])
-        if len(set(checksums)) > 1:
-            raise UserError(f"the {dist.world_size} processes ended with different weights: checksums {checksums}")
-        log(f"weights identical on all {dist.world_size} processes (checksum {checksums[0]!r})")
-    if dist.is_main:
-        save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "final"))
-        plot_curves(config.output_dir)
-        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
-    if config.demo and dist.is_main:
-        report_demo(config)
-    return 0
+    return Run(config, dist, log, train_rows, held_out, policy, tokenizer, policy_forward, reference_forward,
+               optimizer, scheduler, state, trackers)
 
 
 # ==================================================================================================
 # PLUMBING: everything below serves the algorithm above (flags, data files, checkpoint files,
 # processes, ROUGE internals, the demo world, the benchmark). A first reading can stop here.
 # ==================================================================================================
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's bookkeeping: process start, logging a step, evaluations, checkpoints, the end
+# --------------------------------------------------------------------------------------------------
+def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed", typing.Callable[[str], None]]:
+    """Join torchrun's process group (if any), check and prepare output_dir, choose CPU threads, write the demo's
+    data and model (--demo/--benchmark). Returns the config (pointed at the demo's files), processes and log."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    dist = setup_distributed(config)
+    from tqdm import tqdm
+
+    def log(message: str) -> None:
+        if dist.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+    check_output_dir(config)
+    if dist.is_main:
+        prepare_output_dir(config, log)
+        ensure_punkt()
+    dist.barrier()
+    if dist.device.type == "cpu":
+        threads = cpu_thread_count(os.environ, available_cpu_cores())
+        if threads is not None:
+            torch.set_num_threads(threads)
+        log(f"cpu: {torch.get_num_threads()} threads per process (set OMP_NUM_THREADS to choose; runs are bit-exact "
+            "only with the same thread count)")
+    if config.demo or config.benchmark:
+        config = prepare_demo(config, dist, log, given)
+    return config, dist, log
+
+
+def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict) -> dict:
+    """Count NaN/inf steps (stop after max_nonfinite_steps in a row), average the processes' numbers, and append
+    them to metrics.jsonl (and the trackers); every log_completions_every steps, the samples to completions.jsonl."""
+    config, dist, state, log = run.config, run.dist, run.state, run.log
+    completions = numbers.pop("completions")
+    if dist.is_main and config.log_completions_every and step % config.log_completions_every == 0:
+        for index, article, logged in zip(indices, rows[config.text_column], completions):
+            append_jsonl(os.path.join(config.output_dir, "completions.jsonl"),
+                         {"step": step, "article_index": index, "article": article, **logged})
+    skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
+    state.step = step
+    state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+    state.nonfinite_total += skipped
+    if skipped:
+        log(f"warning: step {step} had a NaN/inf loss or gradient and was skipped ({state.nonfinite_in_a_row} in a row)")
+    numbers["articles"] = float(len(rows[config.text_column]))
+    metrics = {"step": step, **dist.mean(numbers), "lr": run.scheduler.get_last_lr()[0]}
+    for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
+        metrics[count] = round(metrics[count] * dist.world_size)
+    state.articles_truncated += metrics["articles_truncated"]
+    metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
+    if dist.is_main:
+        append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
+        run.trackers.log("train", metrics)
+    if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+        raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
+                        "try a lower --learning_rate or --max_grad_norm")
+    return metrics
+
+
+def evaluate_and_log(run: Run, step: int) -> None:
+    """record_evaluation (eval.jsonl, best/), and the same numbers to the trackers."""
+    metrics = record_evaluation(run.config, run.dist, step, run.policy, run.tokenizer, run.held_out, run.state, run.log)
+    run.trackers.log("eval", {"step": step, **metrics})
+
+
+def save_run_checkpoint(run: Run) -> None:
+    """checkpoints/step_N.pt with every process's random state (rank 0 writes it)."""
+    rng_states = run.dist.gather_in_order([(run.dist.rank, rng_state())])
+    if run.dist.is_main:
+        save_checkpoint(run.config.output_dir, run.policy, run.optimizer, run.scheduler, run.state, rng_states,
+                        run.config.keep_checkpoints, run.config)
+
+
+def stopped_early(run: Run, stop: "StopRequest") -> int:
+    """After Ctrl-C or SIGTERM (the checkpoint is saved): say how to resume; the exit code is 128 + the signal."""
+    log_truncated_articles(run.state, run.config, run.dist, run.log)
+    run.log(f"stopped at step {run.state.step}; checkpoint saved. Continue with: python {sys.argv[0]} "
+            f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
+    return 128 + run.dist.max(stop.signal_number)
+
+
+def finish_run(run: Run) -> None:
+    """Check that DDP kept the processes' weights identical; write final/ and curves.png; the demo's report."""
+    config, dist, log = run.config, run.dist, run.log
+    log_truncated_articles(run.state, config, dist, log)
+    if dist.world_size > 1:  # DDP keeps the copies identical; say so, or fail loudly if they drifted apart
+        checksums = dist.gather_in_order([(dist.rank, sum(p.double().sum().item() for p in run.policy.parameters()))])
+        if len(set(checksums)) > 1:
+            raise UserError(f"the {dist.world_size} processes ended with different weights: checksums {checksums}")
+        log(f"weights identical on all {dist.world_size} processes (checksum {checksums[0]!r})")
+    if dist.is_main:
+        save_pretrained_atomic(run.policy, run.tokenizer, os.path.join(config.output_dir, "final"))
+        plot_curves(config.output_dir)
+        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
+    if config.demo and dist.is_main:
+        report_demo(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2463,7 +2525,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, given = parse_args(argv)
         validate_config(config)
-        return evaluate_only(config, given) if config.eval_only else train(config, given)
+        if config.eval_only:
+            return evaluate_only(config, given)
+        if config.benchmark:
+            return run_benchmark(*start_process(config, given))
+        return train(config, given)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
