@@ -101,29 +101,24 @@ def test_resume_is_exact(tiny_bart_dir, data_files, tmp_path):
 # 3. The encoder runs once per article, not once per sample; gradients reach encoder and decoder
 # --------------------------------------------------------------------------------------------------
 def build_in_process(grpo, model_dir, data_files, **overrides):
-    """The objects train() builds, in this process: config, data, policy, reference, optimizer, scheduler."""
-    from transformers import get_scheduler
+    """What train() builds (grpo.build_run), in this process: config, device, policy, tokenizer, the reference model,
+    optimizer, scheduler, and the first step's batch."""
+    import tempfile
 
     train_file, validation_file = data_files
     settings = dict(model_name=str(model_dir), train_file=str(train_file), validation_file=str(validation_file),
                     group_size=4, batch_size=3, micro_batch_size=12, num_iterations=2, max_new_tokens=8,
                     max_source_length=64, eval_samples=4, device="cpu", learning_rate=1e-2,
-                    lr_scheduler="constant", warmup_steps=0, max_steps=1, seed=0)
+                    lr_scheduler="constant", warmup_steps=0, max_steps=1, seed=0,
+                    output_dir=tempfile.mkdtemp(prefix="grpo_in_process_"))
     settings.update(overrides)
     config = grpo.Config(**settings)
     grpo.validate_config(config)
-    device = torch.device("cpu")
-    torch.manual_seed(config.seed)
-    train_rows, held_out = grpo.load_data(config, log=lambda message: None)
-    assert len(train_rows) == 40 and len(held_out) == 4
-    policy, tokenizer = grpo.load_policy_and_tokenizer(config, device)
-    grpo.set_grpo_mode(policy, config)
-    reference = grpo.frozen_copy(policy)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps,
-                              config.max_steps * config.num_iterations)
-    rows = train_rows[grpo.batch_indices(0, config.batch_size, len(train_rows), config.seed)]
-    return config, device, policy, tokenizer, reference, optimizer, scheduler, rows
+    run = grpo.build_run(config, grpo.Distributed(device=torch.device("cpu")), log=lambda message: None)
+    assert len(run.train_rows) == 40 and len(run.held_out) == 4
+    rows = run.train_rows[grpo.batch_indices(0, config.batch_size, len(run.train_rows), config.seed)]
+    return (config, run.dist.device, run.policy, run.tokenizer, run.reference_forward.model, run.optimizer,
+            run.scheduler, rows)
 
 
 def count_encoder_rows(encoder, log: list, phase: list):
