@@ -395,7 +395,11 @@ def sequence_logprobs_no_grad(forward, rollout: Rollout, config: Config, device:
 def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: Config, device, timer) -> dict:
     """Run num_iterations (mu) AdamW steps on one rollout. Returns averaged loss statistics.
 
-    A step whose loss or gradient norm is not finite is skipped (no parameter change) and reported.
+    The lines marked `# ALGO` are GRPO itself: score the sampled tokens under pi_theta, take the clipped loss
+    with its KL term, backpropagate, clip the gradient norm, step. The rest is plumbing: micro-batches of whole
+    groups (weighted so that their sum is exactly the full batch's loss), DDP's gradient sync once per update,
+    phase timers, statistics, and skipping an update whose loss or gradient norm is not finite (no parameter
+    change; reported).
     """
     parameters = [p for p in policy_forward.parameters() if p.requires_grad]
     totals = Counter()
@@ -405,7 +409,7 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
         world_token_count = rollout.mask.sum().double()
         torch.distributed.all_reduce(world_token_count)  # once per rollout
         world_token_count, world_size = world_token_count.item(), torch.distributed.get_world_size()
-    for iteration in range(config.num_iterations):
+    for iteration in range(config.num_iterations):  # ALGO: mu updates on the same rollout
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
@@ -413,30 +417,31 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
             sync = index == len(groups) - 1 or not hasattr(policy_forward, "no_sync")
             with (contextlib.nullcontext() if sync else policy_forward.no_sync()):
                 with timer("time_forward"), autocast(device):
-                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
+                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],  # ALGO
                                             rollout.decoder_input_ids[samples], config.group_size)
-                    scaled_logits = logits.float() / config.temperature  # (n, T, V)
-                    logprobs = token_logprobs(scaled_logits, rollout.completion_ids[samples])
+                    scaled_logits = logits.float() / config.temperature  # ALGO: (n, T, V), as sampled
+                    logprobs = token_logprobs(scaled_logits, rollout.completion_ids[samples])  # ALGO: log pi_theta
                     if iteration == 0:  # mean token entropy of pi_old, the policy that sampled
                         entropy = (token_entropy(scaled_logits) * rollout.mask[samples]).sum().item()
                         totals["entropy"] += entropy / token_total
+                    # ALGO: pi_old; with mu = 1 it is pi_theta itself (detached), so the ratio is exactly 1
                     old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
                     loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
                                             rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
-                                            config.loss_type, config.max_new_tokens)
+                                            config.loss_type, config.max_new_tokens)  # ALGO: clipped surrogate + KL
                     weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask,
                                                 world_token_count, world_size)
                 with timer("time_backward"):
-                    (loss * weight).backward()
+                    (loss * weight).backward()  # ALGO
             step_loss += loss.item() * weight
             tokens = rollout.mask[samples].sum().item()
             totals["kl"] += stats["kl"].item() * tokens / token_total / config.num_iterations
             for key in ("clip_fraction", "clip_fraction_low", "clip_fraction_high"):
                 totals[key] += stats[key].item() * tokens / token_total / config.num_iterations
         with timer("time_optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()  # ALGO
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                optimizer.step()
+                optimizer.step()  # ALGO
                 scheduler.step()
             else:
                 totals["nonfinite_updates"] += 1
