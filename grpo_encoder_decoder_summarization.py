@@ -253,12 +253,108 @@ class Rollout:
     old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
 
 
+SAMPLER_CHECK_EVERY = 8  # the sampler asks "has every sample ended?" (a device sync) once per this many tokens
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass is >= top_p.
+
+    logits (N, V) -> (N, V) with the dropped tokens at -inf. Exactly transformers' TopPLogitsWarper: sort
+    ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most likely one.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False)  # (N, V)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+    drop_sorted = cumulative <= 1 - top_p
+    drop_sorted[:, -1] = False  # the most likely token is always kept
+    drop = drop_sorted.scatter(1, sorted_indices, drop_sorted)  # (N, V) back in vocabulary order
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from probs by inverse-CDF sampling: the token i with cdf[i-1] <= u * cdf[V-1] < cdf[i].
+
+    probs (N, V) >= 0 (need not sum to 1), uniform (N,) in [0, 1) -> tokens (N,). Token i is drawn with
+    probability (cdf[i] - cdf[i-1]) / cdf[V-1] = probs[i] / sum(probs): exactly the categorical distribution,
+    for one uniform per row (torch.multinomial draws an exponential per vocabulary entry), and without a
+    device sync. A token of probability 0 is never drawn (its cdf interval is empty).
+    """
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    total = cdf[:, -1:]  # (N, 1)
+    target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # (N,): first i with cdf[i] > target
+
+
+@torch.no_grad()
+def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
+                       max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+                       top_p: float = 1.0, greedy: bool = False, stop_early: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """G samples per article from an encoder-decoder, token by token: the rollout sampler of GRPO.
+
+    input_ids, attention_mask (B, S) -> (sequences (B*G, 1+T): the decoder start token, then the tokens, pad
+    after EOS, the G samples of an article in consecutive rows; logprobs (B*G, T): log softmax(logits /
+    temperature)[token], the per-token log-probability the scoring passes compute, 0 after EOS).
+    Per article the encoder runs once and the first decoder step (the same start token for all G) runs once,
+    which projects the article's cross-attention keys/values once; the model's own cache (transformers'
+    EncoderDecoderCache) is then repeated to the G samples and keeps them, and the self-attention keys/values,
+    for every later step. Each step: logits / temperature -> top_p_filter -> softmax -> inverse_cdf_sample
+    (greedy: argmax), the checkpoint's forced first token, pad after a sample's EOS. The loop has no
+    data-dependent branch except the check every SAMPLER_CHECK_EVERY tokens that every sample has ended
+    (stop_early=False runs max_new_tokens steps without it; the output is then trimmed once).
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    batch, device = input_ids.size(0), input_ids.device
+    num_samples = batch * group_size
+    forced_first = forced_bos_token_id(model)
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    start = torch.full((batch, 1), decoder_start_token_id(model), dtype=torch.long, device=device)
+    outputs = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
+                    decoder_input_ids=start, cache=cache, use_cache=True)  # one row per article: (B, 1, V)
+    logits = outputs.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (B*G, V)
+    cache.batch_repeat_interleave(group_size)  # self- and cross-attention keys/values, (B, ...) -> (B*G, ...)
+    encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0))  # (B*G, S, d)
+    attention_mask = attention_mask.repeat_interleave(group_size, dim=0)  # (B*G, S)
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)  # (B*G,)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        if step > 0:
+            outputs = model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                            decoder_input_ids=tokens[-1].unsqueeze(1), cache=cache, use_cache=True)
+            logits = outputs.logits[:, -1].float()  # (B*G, V)
+        scaled = logits / temperature
+        if greedy:
+            token = logits.argmax(dim=-1)  # (B*G,)
+        else:
+            probs = top_p_filter(scaled, top_p).softmax(dim=-1)  # (B*G, V)
+            token = inverse_cdf_sample(probs, torch.rand(num_samples, device=device))
+        if step == 0 and forced_first is not None:
+            token = torch.full_like(token, forced_first)
+        token = token.masked_fill(finished, pad_token_id)  # (B*G,)
+        chosen = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+        logprobs.append(chosen.masked_fill(finished, 0.0))
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if stop_early and (step + 1) % SAMPLER_CHECK_EVERY == 0 and bool(finished.all()):
+            break
+    completion_ids, logprobs = torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)  # (B*G, T)
+    length = int(completion_mask(completion_ids, eos_token_id)[0].sum(dim=1).max())  # drop all-pad columns
+    start = torch.full((num_samples, 1), decoder_start_token_id(model), dtype=torch.long, device=device)
+    return torch.cat([start, completion_ids[:, :length]], dim=1), logprobs[:, :length]
+
+
 @torch.no_grad()
 def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
     """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
     encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
     with timer("time_generate"), autocast(device):
-        sequences = generate(policy, encoded, generation_settings(policy, tokenizer, config, sample=True))
+        sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], config.group_size,
+                                          config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                          config.temperature, config.top_p)
     completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
@@ -458,7 +554,7 @@ def generation_settings(model, tokenizer, config: Config, sample: bool):
     """
     from transformers import GenerationConfig
 
-    forced_bos = getattr(model.generation_config, "forced_bos_token_id", None)
+    forced_bos = forced_bos_token_id(model)
     settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=model.config.decoder_start_token_id,
                     forced_bos_token_id=forced_bos)
@@ -484,6 +580,21 @@ def generate(model, encoded: dict, settings) -> torch.Tensor:
                               generation_config=settings)
     finally:
         model.generation_config = saved
+
+
+def forced_bos_token_id(model) -> int | None:
+    """The token the checkpoint forces as the first generated one (BART-large, mBART), else None."""
+    for source in (model.generation_config, model.config):
+        token = getattr(source, "forced_bos_token_id", None)
+        if token is not None:
+            return token
+    return None
+
+
+def decoder_start_token_id(model) -> int:
+    """The token every decoder sequence starts with (eos for BART, pad for T5)."""
+    token = model.config.decoder_start_token_id
+    return model.generation_config.decoder_start_token_id if token is None else token
 
 
 def autocast(device: torch.device):
