@@ -537,12 +537,39 @@ class GroupedSeq2Seq(torch.nn.Module):
         from transformers.modeling_outputs import BaseModelOutput
 
         hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        cache = shared_cross_attention_cache(self.model, hidden, attention_mask, decoder_input_ids[::group_size, :1],
+                                             group_size)
         outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
             attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
-            decoder_input_ids=decoder_input_ids, use_cache=False,
+            decoder_input_ids=decoder_input_ids, cache=cache, use_cache=cache is not None,
         )
         return outputs.logits  # (B*G, T, V)
+
+
+def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                                 start_ids: torch.Tensor, group_size: int):
+    """An EncoderDecoderCache whose cross-attention keys/values are projected once per article, repeated to G.
+
+    hidden (B, S, d), attention_mask (B, S), start_ids (B, 1) the decoder start tokens. One decoder step at
+    batch B makes the model fill its own cross-attention cache (keys/values (B, heads, S, d_head) per layer);
+    those are repeated to the B*G samples (a copy: row b*G + g cannot be a strided view of row b) in a cache
+    with an empty self-attention part, so a teacher-forced pass over (B*G, T) reads them instead of projecting
+    the article G times. Gradients flow through them to the encoder and the projections as before.
+    None (the plain path) for G = 1, or under gradient checkpointing, which turns the cache off.
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5; 4: is_gradient_checkpointing
+    if group_size == 1 or (model.is_gradient_checkpointing if checkpointing is None else checkpointing):
+        return None
+    primed = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
+          decoder_input_ids=start_ids, cache=primed, use_cache=True)
+    cross = [(keys.repeat_interleave(group_size, dim=0), values.repeat_interleave(group_size, dim=0))
+             for keys, values, *_ in primed.cross_attention_cache]
+    return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
 
 
 def generation_settings(model, tokenizer, config: Config, sample: bool):
@@ -612,6 +639,11 @@ def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
         yield slice(start, stop), slice(start * group_size, stop * group_size)
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW can run fused (one kernel over all parameters, same math): on CUDA and, since torch 2.4, CPU."""
+    return device.type in ("cuda", "cpu")
+
+
 # --------------------------------------------------------------------------------------------------
 # THE REWARD: edit compute_rewards to change what GRPO optimizes (e.g. add a length penalty)
 # --------------------------------------------------------------------------------------------------
@@ -636,7 +668,8 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
     """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate,
+                                  fused=fused_adamw(device))
     scheduler = get_scheduler("linear", optimizer, min(config.warmup_steps, config.sft_steps), config.sft_steps)
     policy.train()
     progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
@@ -745,7 +778,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     reference_forward = GroupedSeq2Seq(reference)
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=fused_adamw(device))
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
     state = TrainerState()
     if checkpoints:
@@ -1734,7 +1767,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     set_grpo_mode(policy, config)
     reference_forward = GroupedSeq2Seq(frozen_copy(policy))
     policy_forward = torch.compile(GroupedSeq2Seq(policy)) if config.compile else GroupedSeq2Seq(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, fused=fused_adamw(device))
     scheduler = get_scheduler("constant", optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -28,12 +28,12 @@ def tiny_bart(pad_token_id=1, eos_token_id=2, forced_bos=None, vocab_size=40, se
     return model
 
 
-def tiny_t5(vocab_size=40, seed=0):
+def tiny_t5(vocab_size=40, seed=0, initializer_factor=8.0):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                       num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
-                      initializer_factor=8.0)
+                      initializer_factor=initializer_factor)
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config).eval()
 
@@ -152,3 +152,74 @@ def test_sampled_logprobs_equal_scoring_path(grpo, name):
     scored = grpo.token_logprobs(logits / temperature, completion_ids)
     torch.testing.assert_close(logprobs * mask, scored * mask, atol=1e-5, rtol=1e-5)  # float32 rounding only
     assert len(set(map(tuple, completion_ids.tolist()))) > 3, "the samples of some article should differ"
+
+
+# ---- fused AdamW ----------------------------------------------------------------------------------------------
+def test_fused_adamw_matches_default_adamw(grpo):
+    device = torch.device("cpu")
+    assert grpo.fused_adamw(device)
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    gradients = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        parameters = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.1, fused=fused)
+        for step_gradients in gradients:
+            for p, g in zip(parameters, step_gradients):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append(parameters)
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(fused, start[0] if fused.dim() == 2 else start[1])
+
+
+# ---- scoring with cross-attention keys/values shared by the G samples of an article ---------------------------
+def tiny_pegasus(vocab_size=40, seed=0):
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    config = PegasusConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                           decoder_start_token_id=0, dropout=0.0, init_std=0.2)
+    torch.manual_seed(seed)
+    return PegasusForConditionalGeneration(config).eval()
+
+
+SCORING_MODELS = {"bart": lambda: tiny_bart(), "t5": lambda: tiny_t5(initializer_factor=1.0), "pegasus": lambda: tiny_pegasus()}
+
+
+def todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, group_size):
+    """GroupedSeq2Seq before the shared cross-attention: the encoder once, its output repeated to the G samples,
+    so every sample projects the cross-attention keys/values itself."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
+                 attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
+                 decoder_input_ids=decoder_input_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", list(SCORING_MODELS))
+def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
+    """GroupedSeq2Seq (cross-attention K/V once per article) vs today's path: logits to 1e-5 in float32, and every
+    parameter's gradient in float64 (where a different order of float sums cannot hide a real difference)."""
+    G = 3
+    input_ids, attention_mask = articles()
+    decoder_input_ids = torch.randint(3, 40, (3 * G, 6), generator=torch.Generator().manual_seed(2))
+    shared_model, plain_model = SCORING_MODELS[name](), SCORING_MODELS[name]()
+    decoder_input_ids[:, 0] = grpo.decoder_start_token_id(shared_model)
+    assert grpo.shared_cross_attention_cache(
+        shared_model, torch.zeros(3, 9, 32), attention_mask, decoder_input_ids[::G, :1], G) is not None
+    for dtype in (torch.float32, torch.float64):
+        shared_model.to(dtype), plain_model.to(dtype)
+        shared = grpo.GroupedSeq2Seq(shared_model)(input_ids, attention_mask, decoder_input_ids, G)
+        plain = todays_grouped_forward(plain_model, input_ids, attention_mask, decoder_input_ids, G)
+        torch.testing.assert_close(shared, plain, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
+    weights = torch.randn_like(plain)  # an arbitrary loss touching every logit
+    (shared * weights).sum().backward()
+    (plain * weights).sum().backward()
+    for (key, a), (_, b) in zip(shared_model.named_parameters(), plain_model.named_parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{key}: {m}")
