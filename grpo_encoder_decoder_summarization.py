@@ -1052,9 +1052,13 @@ def batch_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: in
 def tokenize_articles(tokenizer, articles: list[str], config: Config, device) -> tuple[dict, int]:
     """Tokenize a batch of articles, truncated to max_source_length; also returns how many were truncated."""
     texts = [config.source_prefix + article for article in articles]
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    encoded = tokenizer(texts, max_length=config.max_source_length, truncation=True, padding=True, return_tensors="pt")
-    return encoded.to(device), sum(length > config.max_source_length for length in lengths)
+    rows, limit = tokenizer(texts)["input_ids"], config.max_source_length  # tokenized once, not truncated
+    special = set(tokenizer.all_special_ids)
+    probe = tokenizer("a")["input_ids"]
+    suffix = len(probe) - next(i for i in range(len(probe), 0, -1) if probe[i - 1] not in special)  # e.g. </s>: 1
+    cut = [ids if len(ids) <= limit else ids[:limit - suffix] + ids[len(ids) - suffix:] for ids in rows]
+    encoded = tokenizer.pad({"input_ids": cut}, padding=True, return_tensors="pt")  # = truncation=True's result
+    return encoded.to(device), sum(len(ids) > limit for ids in rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1718,6 +1722,16 @@ def best_time_ms(function, repeats: int = 5) -> float:
     return 1000 * min(times)
 
 
+def interleaved_best_ms(functions: dict, repeats: int = 3) -> dict[str, float]:
+    """The fastest call of each function in milliseconds, the functions called in turn (A B A B ...), so that a
+    change in machine load during the measurement hits all of them alike."""
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(best_time_ms(function, 1))
+    return {name: min(values) for name, values in times.items()}
+
+
 def time_rouge(pairs: int = 64, group_size: int = 8) -> dict[str, float]:
     """Milliseconds for the reward's ROUGE on B*G = `pairs` (summary, reference) pairs of 55 words (the length
     of CNN/DailyMail highlights), G summaries per reference: ours vs rouge_score."""
@@ -1745,10 +1759,28 @@ def time_scoring_choices(policy, tokenizer, rows: dict, config: Config, device) 
         return policy(input_ids=rollout.input_ids.repeat_interleave(G, 0), decoder_input_ids=rollout.decoder_input_ids,
                       attention_mask=rollout.attention_mask.repeat_interleave(G, 0), use_cache=False).logits
 
+    def cross_attention_per_sample():  # the scoring pass before the shared cross-attention keys/values
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = policy.get_encoder()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask)[0]
+        return policy(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(G, 0)),
+                      attention_mask=rollout.attention_mask.repeat_interleave(G, 0),
+                      decoder_input_ids=rollout.decoder_input_ids, use_cache=False).logits
+
+    encoded = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+    settings = generation_settings(policy, tokenizer, config, sample=True)
+    sampler = lambda: sample_completions(policy, rollout.input_ids, rollout.attention_mask, G,  # noqa: E731
+                                         config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                         config.temperature, config.top_p)
+    with autocast(device):  # before and after this change, side by side
+        rollouts = interleaved_best_ms({"rollout_hf_generate_ms": lambda: generate(policy, encoded, settings),
+                                        "rollout_our_sampler_ms": sampler})
+        rollouts.update(interleaved_best_ms({"score_cross_attention_per_sample_ms": cross_attention_per_sample,
+                                             "score_cross_attention_shared_ms": encoder_once}))
     tokens = rollout.completion_ids  # log-probs are timed at BART's vocabulary, where their cost matters
     logits = torch.randn(*tokens.shape, BART_VOCABULARY_SIZE, device=device)
     with autocast(device):
-        return {"score_encoder_once_ms": best_time_ms(encoder_once),
+        return {**rollouts, "score_encoder_once_ms": best_time_ms(encoder_once),
                 "score_encoder_per_sample_ms": best_time_ms(encoder_per_sample),
                 "logprobs_v50k_logsumexp_per_row_ms": best_time_ms(lambda: token_logprobs(logits, tokens)),
                 "logprobs_v50k_log_softmax_ms": best_time_ms(

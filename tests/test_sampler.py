@@ -223,3 +223,24 @@ def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
     for (key, a), (_, b) in zip(shared_model.named_parameters(), plain_model.named_parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{key}: {m}")
+
+
+# ---- tokenizing each batch once --------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_dir", ["tiny_t5_dir", "tiny_bart_dir"])
+def test_tokenize_once_equals_tokenizer_truncation(grpo, model_dir, request):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model_dir))
+    rows = grpo.make_synthetic_corpus(6, seed=3)
+    articles = [row["article"] for row in rows]
+    articles[2] = " ".join(articles[2].split()[:3])  # a short one among long ones
+    for limit in (8, 30, 10_000):
+        config = grpo.Config(max_source_length=limit, source_prefix="summarize: ")
+        encoded, truncated = grpo.tokenize_articles(tokenizer, articles, config, torch.device("cpu"))
+        texts = [config.source_prefix + article for article in articles]
+        expected = tokenizer(texts, max_length=limit, truncation=True, padding=True, return_tensors="pt")
+        assert torch.equal(encoded["input_ids"], expected["input_ids"])
+        assert torch.equal(encoded["attention_mask"], expected["attention_mask"])
+        assert truncated == sum(len(ids) > limit for ids in tokenizer(texts)["input_ids"])
+        assert truncated == (5 if limit == 8 else truncated)  # the short article alone fits in 8 tokens
+    assert truncated == 0 and limit == 10_000
