@@ -117,6 +117,7 @@ class Config:
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time (dropout 0)
     compile: bool = False  # torch.compile the scoring forward pass (CUDA)
+    compile_sampler: bool = False  # CUDA: the sampler's decode step with a static KV cache, compiled to CUDA graphs
     resume: bool = False  # continue from the latest checkpoint in output_dir
     demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
     benchmark: bool = False  # time every phase of a fixed tiny workload and print a table
@@ -286,11 +287,23 @@ def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tens
     return torch.searchsorted(cdf, target, right=True).squeeze(1)  # (N,): first i with cdf[i] > target
 
 
+def decoder_step(model, encoder_outputs, attention_mask: torch.Tensor, token: torch.Tensor, cache) -> torch.Tensor:
+    """One decoder step of the sampler: token (N,) -> next-token logits (N, V) in float32, the cache extended."""
+    return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=token.unsqueeze(1),
+                 cache=cache, use_cache=True).logits[:, -1].float()
+
+
+@lru_cache(maxsize=1)
+def compiled_decoder_step():
+    """decoder_step under torch.compile(mode="reduce-overhead"): on CUDA, each step replays a CUDA graph."""
+    return torch.compile(decoder_step, mode="reduce-overhead", dynamic=False)
+
+
 @torch.no_grad()
 def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
                        max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                       top_p: float = 1.0, greedy: bool = False, stop_early: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       top_p: float = 1.0, greedy: bool = False, stop_early: bool = True,
+                       static_cache: bool = False, compile_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """G samples per article from an encoder-decoder, token by token: the rollout sampler of GRPO.
 
     input_ids, attention_mask (B, S) -> (sequences (B*G, 1+T): the decoder start token, then the tokens, pad
@@ -303,8 +316,12 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     (greedy: argmax), the checkpoint's forced first token, pad after a sample's EOS. The loop has no
     data-dependent branch except the check every SAMPLER_CHECK_EVERY tokens that every sample has ended
     (stop_early=False runs max_new_tokens steps without it; the output is then trimmed once).
+    static_cache=True keeps the self-attention keys/values in a transformers StaticCache of max_new_tokens
+    positions, so every step has the same shapes (capturable in a CUDA graph); compile_step=True (needs
+    static_cache) runs each step through compiled_decoder_step. Call it in eval mode (see eval_mode): under
+    gradient checkpointing transformers turns the cache off in train mode.
     """
-    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers import DynamicCache, EncoderDecoderCache, StaticCache
     from transformers.modeling_outputs import BaseModelOutput
 
     batch, device = input_ids.size(0), input_ids.device
@@ -317,15 +334,19 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                     decoder_input_ids=start, cache=cache, use_cache=True)  # one row per article: (B, 1, V)
     logits = outputs.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (B*G, V)
     cache.batch_repeat_interleave(group_size)  # self- and cross-attention keys/values, (B, ...) -> (B*G, ...)
+    if static_cache:  # the same keys/values in fixed-size buffers: the step's shapes no longer grow
+        self_attention = StaticCache(config=model.config, max_cache_len=max_new_tokens)
+        for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
+            self_attention.update(keys, values, layer)
+        cache = EncoderDecoderCache(self_attention, cache.cross_attention_cache)
+    step_function = compiled_decoder_step() if compile_step else decoder_step
     encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0))  # (B*G, S, d)
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)  # (B*G, S)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)  # (B*G,)
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
         if step > 0:
-            outputs = model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                            decoder_input_ids=tokens[-1].unsqueeze(1), cache=cache, use_cache=True)
-            logits = outputs.logits[:, -1].float()  # (B*G, V)
+            logits = step_function(model, encoder_outputs, attention_mask, tokens[-1], cache).clone()  # (B*G, V)
         scaled = logits / temperature
         if greedy:
             token = logits.argmax(dim=-1)  # (B*G,)
@@ -351,10 +372,11 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
     """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
     encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
-    with timer("time_generate"), autocast(device):
+    with timer("time_generate"), autocast(device), eval_mode(policy):
         sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], config.group_size,
                                           config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                          config.temperature, config.top_p)
+                                          config.temperature, config.top_p, static_cache=config.compile_sampler,
+                                          compile_step=config.compile_sampler)
     completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
@@ -510,6 +532,19 @@ def set_grpo_mode(policy, config: Config) -> None:
         policy.train()
     else:
         policy.eval()
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block, its own mode after it. For sampling: set_grpo_mode keeps train mode
+    under gradient checkpointing (every dropout at 0, so eval is the same function), where transformers would turn
+    the KV cache off."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -936,6 +971,8 @@ def validate_config(config: Config) -> None:
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
          "the rouge*_weight flags must be >= 0 and not all 0"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "--device must be auto, cpu, cuda or cuda:N"),
+        (not config.compile_sampler or (torch.cuda.is_available() and config.device != "cpu"),
+         "--compile_sampler captures CUDA graphs and needs a CUDA device; drop it on this machine"),
     ]
     for ok, message in checks:
         if not ok:
