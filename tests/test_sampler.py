@@ -272,3 +272,22 @@ def test_compile_sampler_without_cuda_is_one_clear_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --compile_sampler captures CUDA graphs and needs a CUDA device; "
                                      "drop it on this machine")
+
+
+def test_sampler_and_shared_scoring_work_through_a_peft_lora_model(grpo):
+    """The policy may be a peft PeftModel (LoRA): the sampler and the scoring pass go through its wrapper."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig
+
+    model = get_peft_model(tiny_bart(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    input_ids, attention_mask = articles()
+    sequences, _ = grpo.sample_completions(model, input_ids, attention_mask, 1, 10, 2, 1, greedy=True)
+    settings = GenerationConfig(max_new_tokens=10, num_beams=1, do_sample=False, eos_token_id=2, pad_token_id=1,
+                                decoder_start_token_id=grpo.decoder_start_token_id(model))
+    assert torch.equal(sequences, grpo.generate(model, {"input_ids": input_ids, "attention_mask": attention_mask},
+                                                settings))
+    decoder_input_ids = sequences.repeat_interleave(2, dim=0)
+    shared = grpo.GroupedSeq2Seq(model)(input_ids, attention_mask, decoder_input_ids, 2)
+    plain = todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
