@@ -1824,6 +1824,31 @@ def time_scoring_choices(policy, tokenizer, rows: dict, config: Config, device) 
                     lambda: torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))}
 
 
+@contextlib.contextmanager
+def paths_before_sampler():
+    """For --benchmark's side-by-side step times: the rollout and scoring paths this script took before its own
+    sampler, i.e. rollouts by transformers' generate() (multinomial sampling, cross-attention keys/values
+    projected per sample) and scoring passes that project them per sample (no shared cache)."""
+    module = sys.modules[__name__]
+    saved = module.sample_completions, module.shared_cross_attention_cache
+
+    def generate_rollouts(model, input_ids, attention_mask, group_size, max_new_tokens, eos_token_id, pad_token_id,
+                          temperature, top_p, **unused):
+        from transformers import GenerationConfig
+
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos_token_id,
+                                    pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id(model),
+                                    forced_bos_token_id=forced_bos_token_id(model), do_sample=True,
+                                    num_return_sequences=group_size, temperature=temperature, top_p=top_p, top_k=0)
+        return generate(model, {"input_ids": input_ids, "attention_mask": attention_mask}, settings), None
+
+    module.sample_completions, module.shared_cross_attention_cache = generate_rollouts, lambda *args: None
+    try:
+        yield
+    finally:
+        module.sample_completions, module.shared_cross_attention_cache = saved
+
+
 def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     """GRPO steps on the demo's tiny model (untrained, so every sample runs to max_new_tokens) and data."""
     import resource
@@ -1838,16 +1863,25 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     policy_forward = torch.compile(GroupedSeq2Seq(policy)) if config.compile else GroupedSeq2Seq(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, fused=fused_adamw(device))
     scheduler = get_scheduler("constant", optimizer)
+    before_optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)  # unfused, as before
+    before_scheduler = get_scheduler("constant", before_optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    totals = Counter()
+    totals, before_totals = Counter(), Counter()
     for step in range(BENCHMARK_WARMUP_STEPS + config.max_steps):
         rows = train_rows[batch_indices(step, config.batch_size, len(train_rows), config.seed)]
-        numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
-                            config, device)
-        if step >= BENCHMARK_WARMUP_STEPS:
-            totals.update({k: v for k, v in numbers.items()  # time_update is the sum of forward, backward, optimizer
-                           if k.startswith("time_") and k != "time_update" or k in ("seconds", "generated_tokens")})
+        for paths, step_totals in ((contextlib.nullcontext(), totals), (paths_before_sampler(), before_totals)):
+            with paths:  # each step twice, with today's paths and the earlier ones, alternating
+                numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows,
+                                    optimizer if step_totals is totals else before_optimizer,
+                                    scheduler if step_totals is totals else before_scheduler, config, device)
+            if step >= BENCHMARK_WARMUP_STEPS:  # time_update is the sum of forward, backward, optimizer
+                step_totals.update({k: v for k, v in numbers.items() if k.startswith("time_") and k != "time_update"
+                                    or k in ("seconds", "generated_tokens")})
+    before_seconds = before_totals.pop("seconds")
+    before = {"before_steps_per_second": config.max_steps / before_seconds,
+              **{f"before_share_{k.removeprefix('time_')}": v / before_seconds
+                 for k, v in sorted(before_totals.items()) if k.startswith("time_")}}
     seconds = totals.pop("seconds")
     result = {"device": str(device), "steps": config.max_steps, "batch_size": config.batch_size,
               "group_size": config.group_size, "max_new_tokens": config.max_new_tokens,
@@ -1856,6 +1890,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
               "generated_tokens_per_second": totals.pop("generated_tokens") / seconds,
               **{f"share_{k.removeprefix('time_')}": v / seconds for k, v in sorted(totals.items())},
               "peak_cpu_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result.update(before, threads=torch.get_num_threads())
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result.update(time_scoring_choices(policy, tokenizer, rows, config, device))

@@ -291,3 +291,23 @@ def test_sampler_and_shared_scoring_work_through_a_peft_lora_model(grpo):
     shared = grpo.GroupedSeq2Seq(model)(input_ids, attention_mask, decoder_input_ids, 2)
     plain = todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+
+
+def test_benchmark_before_paths_are_generate_and_per_sample_cross_attention(grpo):
+    """--benchmark's 'before' column really runs the earlier paths, and puts today's back afterwards."""
+    model = tiny_bart()
+    input_ids, attention_mask = articles()
+    with grpo.paths_before_sampler():
+        torch.manual_seed(0)
+        sequences, _ = grpo.sample_completions(model, input_ids, attention_mask, 2, 8, 2, 1, 1.0, 1.0)
+        assert grpo.shared_cross_attention_cache(model, None, attention_mask, None, 2) is None
+    torch.manual_seed(0)
+    from transformers import GenerationConfig
+
+    settings = GenerationConfig(max_new_tokens=8, num_beams=1, do_sample=True, num_return_sequences=2, top_k=0,
+                                eos_token_id=2, pad_token_id=1, decoder_start_token_id=2)
+    expected = grpo.generate(model, {"input_ids": input_ids, "attention_mask": attention_mask}, settings)
+    assert torch.equal(sequences, expected)
+    assert grpo.sample_completions.__name__ == "sample_completions"
+    assert grpo.shared_cross_attention_cache(model, torch.zeros(3, 9, 32), attention_mask,
+                                             torch.full((3, 1), 2), 2) is not None
