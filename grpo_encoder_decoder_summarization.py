@@ -346,7 +346,9 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
         if step > 0:
-            logits = step_function(model, encoder_outputs, attention_mask, tokens[-1], cache).clone()  # (B*G, V)
+            logits = step_function(model, encoder_outputs, attention_mask, tokens[-1], cache)  # (B*G, V)
+            if compile_step:  # a CUDA graph's output is overwritten by its next replay
+                logits = logits.clone()
         scaled = logits / temperature
         if greedy:
             token = logits.argmax(dim=-1)  # (B*G,)
@@ -596,8 +598,8 @@ def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: to
     from transformers import DynamicCache, EncoderDecoderCache
     from transformers.modeling_outputs import BaseModelOutput
 
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5; 4: is_gradient_checkpointing
-    if group_size == 1 or (model.is_gradient_checkpointing if checkpointing is None else checkpointing):
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+    if group_size == 1 or checkpointing:  # (the flag transformers sets on the layers it checkpoints, also under peft)
         return None
     primed = EncoderDecoderCache(DynamicCache(), DynamicCache())
     model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
