@@ -303,12 +303,14 @@ def compiled_decoder_step():
 def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
                        max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
                        top_p: float = 1.0, greedy: bool = False, stop_early: bool = True,
-                       static_cache: bool = False, compile_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       static_cache: bool = False, compile_step: bool = False, with_logprobs: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """G samples per article from an encoder-decoder, token by token: the rollout sampler of GRPO.
 
     input_ids, attention_mask (B, S) -> (sequences (B*G, 1+T): the decoder start token, then the tokens, pad
     after EOS, the G samples of an article in consecutive rows; logprobs (B*G, T): log softmax(logits /
-    temperature)[token], the per-token log-probability the scoring passes compute, 0 after EOS).
+    temperature)[token], the per-token log-probability the scoring passes compute, 0 after EOS; None with
+    with_logprobs=False, which saves a pass over the (B*G, V) logits per token).
     Per article the encoder runs once and the first decoder step (the same start token for all G) runs once,
     which projects the article's cross-attention keys/values once; the model's own cache (transformers'
     EncoderDecoderCache) is then repeated to the G samples and keeps them, and the self-attention keys/values,
@@ -358,16 +360,18 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         if step == 0 and forced_first is not None:
             token = torch.full_like(token, forced_first)
         token = token.masked_fill(finished, pad_token_id)  # (B*G,)
-        chosen = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)
-        logprobs.append(chosen.masked_fill(finished, 0.0))
+        if with_logprobs:
+            chosen = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)  # (B*G,)
+            logprobs.append(chosen.masked_fill(finished, 0.0))
         tokens.append(token)
         finished = finished | (token == eos_token_id)
         if stop_early and (step + 1) % SAMPLER_CHECK_EVERY == 0 and bool(finished.all()):
             break
-    completion_ids, logprobs = torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)  # (B*G, T)
+    completion_ids = torch.stack(tokens, dim=1)  # (B*G, T)
     length = int(completion_mask(completion_ids, eos_token_id)[0].sum(dim=1).max())  # drop all-pad columns
     start = torch.full((num_samples, 1), decoder_start_token_id(model), dtype=torch.long, device=device)
-    return torch.cat([start, completion_ids[:, :length]], dim=1), logprobs[:, :length]
+    logprobs = torch.stack(logprobs, dim=1)[:, :length] if with_logprobs else None  # (B*G, T)
+    return torch.cat([start, completion_ids[:, :length]], dim=1), logprobs
 
 
 @torch.no_grad()
@@ -378,7 +382,7 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
         sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], config.group_size,
                                           config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                           config.temperature, config.top_p, static_cache=config.compile_sampler,
-                                          compile_step=config.compile_sampler)
+                                          compile_step=config.compile_sampler, with_logprobs=False)
     completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
@@ -1810,7 +1814,7 @@ def time_scoring_choices(policy, tokenizer, rows: dict, config: Config, device) 
     settings = generation_settings(policy, tokenizer, config, sample=True)
     sampler = lambda: sample_completions(policy, rollout.input_ids, rollout.attention_mask, G,  # noqa: E731
                                          config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                         config.temperature, config.top_p)
+                                         config.temperature, config.top_p, with_logprobs=False)
     with autocast(device):  # before and after this change, side by side
         rollouts = interleaved_best_ms({"rollout_hf_generate_ms": lambda: generate(policy, encoded, settings),
                                         "rollout_our_sampler_ms": sampler})

@@ -311,3 +311,14 @@ def test_benchmark_before_paths_are_generate_and_per_sample_cross_attention(grpo
     assert grpo.sample_completions.__name__ == "sample_completions"
     assert grpo.shared_cross_attention_cache(model, torch.zeros(3, 9, 32), attention_mask,
                                              torch.full((3, 1), 2), 2) is not None
+
+
+def test_sampler_without_logprobs_draws_the_same_tokens(grpo):
+    model = tiny_bart()
+    input_ids, attention_mask = articles()
+    results = []
+    for with_logprobs in (True, False):
+        torch.manual_seed(0)
+        results.append(grpo.sample_completions(model, input_ids, attention_mask, 3, 10, 2, 1, 2.0, 0.95,
+                                               with_logprobs=with_logprobs))
+    assert torch.equal(results[0][0], results[1][0]) and results[1][1] is None
