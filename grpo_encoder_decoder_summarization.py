@@ -135,6 +135,7 @@ class Config:
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time (dropout 0)
     compile: bool = False  # torch.compile the scoring forward pass (CUDA)
+    compile_sampler: bool = False  # CUDA: the sampler's decode step with a static KV cache, compiled to CUDA graphs
     resume: bool = False  # continue from the latest checkpoint in output_dir
     overwrite_output_dir: bool = False  # let a fresh run delete an earlier run in output_dir (else it stops)
     demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
@@ -338,12 +339,135 @@ class Rollout:
     old_logprobs: torch.Tensor | None = None  # (B*G, T) under pi_old (None when mu == 1: ratio is exactly 1)
 
 
+SAMPLER_CHECK_EVERY = 8  # the sampler asks "has every sample ended?" (a device sync) once per this many tokens
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass is >= top_p.
+
+    logits (N, V) -> (N, V) with the dropped tokens at -inf. Exactly transformers' TopPLogitsWarper: sort
+    ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most likely one.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False)  # (N, V)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+    drop_sorted = cumulative <= 1 - top_p
+    drop_sorted[:, -1] = False  # the most likely token is always kept
+    drop = drop_sorted.scatter(1, sorted_indices, drop_sorted)  # (N, V) back in vocabulary order
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from probs by inverse-CDF sampling: the token i with cdf[i-1] <= u * cdf[V-1] < cdf[i].
+
+    probs (N, V) >= 0 (need not sum to 1), uniform (N,) in [0, 1) -> tokens (N,). Token i is drawn with
+    probability (cdf[i] - cdf[i-1]) / cdf[V-1] = probs[i] / sum(probs): exactly the categorical distribution,
+    for one uniform per row (torch.multinomial draws an exponential per vocabulary entry), and without a
+    device sync. A token of probability 0 is never drawn (its cdf interval is empty).
+    """
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    total = cdf[:, -1:]  # (N, 1)
+    target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # (N,): first i with cdf[i] > target
+
+
+def decoder_step(model, encoder_outputs, attention_mask: torch.Tensor, token: torch.Tensor, cache) -> torch.Tensor:
+    """One decoder step of the sampler: token (N,) -> next-token logits (N, V) in float32, the cache extended."""
+    return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=token.unsqueeze(1),
+                 cache=cache, use_cache=True).logits[:, -1].float()
+
+
+@lru_cache(maxsize=1)
+def compiled_decoder_step():
+    """decoder_step under torch.compile(mode="reduce-overhead"): on CUDA, each step replays a CUDA graph."""
+    return torch.compile(decoder_step, mode="reduce-overhead", dynamic=False)
+
+
+@torch.no_grad()
+def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
+                       max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+                       top_p: float = 1.0, greedy: bool = False, stop_early: bool = True,
+                       static_cache: bool = False, compile_step: bool = False, with_logprobs: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """G samples per article from an encoder-decoder, token by token: the rollout sampler of GRPO.
+
+    input_ids, attention_mask (B, S) -> (sequences (B*G, 1+T): the decoder start token, then the tokens, pad
+    after EOS, the G samples of an article in consecutive rows; logprobs (B*G, T): log softmax(logits /
+    temperature)[token], the per-token log-probability the scoring passes compute, 0 after EOS; None with
+    with_logprobs=False, which saves a pass over the (B*G, V) logits per token).
+    Per article the encoder runs once and the first decoder step (the same start token for all G) runs once,
+    which projects the article's cross-attention keys/values once; the model's own cache (transformers'
+    EncoderDecoderCache) is then repeated to the G samples and keeps them, and the self-attention keys/values,
+    for every later step. Each step: logits / temperature -> top_p_filter -> softmax -> inverse_cdf_sample
+    (greedy: argmax), the checkpoint's forced first token, pad after a sample's EOS. The loop has no
+    data-dependent branch except the check every SAMPLER_CHECK_EVERY tokens that every sample has ended
+    (stop_early=False runs max_new_tokens steps without it; the output is then trimmed once).
+    static_cache=True keeps the self-attention keys/values in a transformers StaticCache of max_new_tokens
+    positions, so every step has the same shapes (capturable in a CUDA graph); compile_step=True (needs
+    static_cache) runs each step through compiled_decoder_step. Call it in eval mode (see eval_mode): under
+    gradient checkpointing transformers turns the cache off in train mode.
+    """
+    from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    batch, device = input_ids.size(0), input_ids.device
+    num_samples = batch * group_size
+    forced_first = forced_bos_token_id(model)
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    start = torch.full((batch, 1), decoder_start_token_id(model), dtype=torch.long, device=device)
+    outputs = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
+                    decoder_input_ids=start, cache=cache, use_cache=True)  # one row per article: (B, 1, V)
+    logits = outputs.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (B*G, V)
+    cache.batch_repeat_interleave(group_size)  # self- and cross-attention keys/values, (B, ...) -> (B*G, ...)
+    if static_cache:  # the same keys/values in fixed-size buffers: the step's shapes no longer grow
+        self_attention = StaticCache(config=model.config, max_cache_len=max_new_tokens)
+        for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
+            self_attention.update(keys, values, layer)
+        cache = EncoderDecoderCache(self_attention, cache.cross_attention_cache)
+    step_function = compiled_decoder_step() if compile_step else decoder_step
+    encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0))  # (B*G, S, d)
+    attention_mask = attention_mask.repeat_interleave(group_size, dim=0)  # (B*G, S)
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)  # (B*G,)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        if step > 0:
+            logits = step_function(model, encoder_outputs, attention_mask, tokens[-1], cache)  # (B*G, V)
+            if compile_step:  # a CUDA graph's output is overwritten by its next replay
+                logits = logits.clone()
+        scaled = logits / temperature
+        if greedy:
+            token = logits.argmax(dim=-1)  # (B*G,)
+        else:
+            probs = top_p_filter(scaled, top_p).softmax(dim=-1)  # (B*G, V)
+            token = inverse_cdf_sample(probs, torch.rand(num_samples, device=device))
+        if step == 0 and forced_first is not None:
+            token = torch.full_like(token, forced_first)
+        token = token.masked_fill(finished, pad_token_id)  # (B*G,)
+        if with_logprobs:
+            chosen = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)  # (B*G,)
+            logprobs.append(chosen.masked_fill(finished, 0.0))
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if stop_early and (step + 1) % SAMPLER_CHECK_EVERY == 0 and bool(finished.all()):
+            break
+    completion_ids = torch.stack(tokens, dim=1)  # (B*G, T)
+    length = int(completion_mask(completion_ids, eos_token_id)[0].sum(dim=1).max())  # drop all-pad columns
+    start = torch.full((num_samples, 1), decoder_start_token_id(model), dtype=torch.long, device=device)
+    logprobs = torch.stack(logprobs, dim=1)[:, :length] if with_logprobs else None  # (B*G, T)
+    return torch.cat([start, completion_ids[:, :length]], dim=1), logprobs
+
+
 @torch.no_grad()
 def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
     """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
     encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
-    with timer("time_generate"), autocast(device):
-        sequences = generate(policy, encoded, generation_settings(policy, tokenizer, config, sample=True))
+    with timer("time_generate"), autocast(device), eval_mode(policy):
+        sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], config.group_size,
+                                          config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                          config.temperature, config.top_p, static_cache=config.compile_sampler,
+                                          compile_step=config.compile_sampler, with_logprobs=False)
     completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
@@ -570,6 +694,19 @@ def set_grpo_mode(policy, config: Config) -> None:
         policy.eval()
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block, its own mode after it. For sampling: set_grpo_mode keeps train mode
+    under gradient checkpointing (every dropout at 0, so eval is the same function), where transformers would turn
+    the KV cache off."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the model in eval mode with no gradients: the reference pi_ref."""
     import copy
@@ -595,12 +732,39 @@ class GroupedSeq2Seq(torch.nn.Module):
         from transformers.modeling_outputs import BaseModelOutput
 
         hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        cache = shared_cross_attention_cache(self.model, hidden, attention_mask, decoder_input_ids[::group_size, :1],
+                                             group_size)
         outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
             attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
-            decoder_input_ids=decoder_input_ids, use_cache=False,
+            decoder_input_ids=decoder_input_ids, cache=cache, use_cache=cache is not None,
         )
         return outputs.logits  # (B*G, T, V)
+
+
+def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                                 start_ids: torch.Tensor, group_size: int):
+    """An EncoderDecoderCache whose cross-attention keys/values are projected once per article, repeated to G.
+
+    hidden (B, S, d), attention_mask (B, S), start_ids (B, 1) the decoder start tokens. One decoder step at
+    batch B makes the model fill its own cross-attention cache (keys/values (B, heads, S, d_head) per layer);
+    those are repeated to the B*G samples (a copy: row b*G + g cannot be a strided view of row b) in a cache
+    with an empty self-attention part, so a teacher-forced pass over (B*G, T) reads them instead of projecting
+    the article G times. Gradients flow through them to the encoder and the projections as before.
+    None (the plain path) for G = 1, or under gradient checkpointing, which turns the cache off.
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+    if group_size == 1 or checkpointing:  # (the flag transformers sets on the layers it checkpoints, also under peft)
+        return None
+    primed = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
+          decoder_input_ids=start_ids, cache=primed, use_cache=True)
+    cross = [(keys.repeat_interleave(group_size, dim=0), values.repeat_interleave(group_size, dim=0))
+             for keys, values, *_ in primed.cross_attention_cache]
+    return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
 
 
 def generation_settings(model, tokenizer, config: Config, sample: bool):
@@ -612,7 +776,7 @@ def generation_settings(model, tokenizer, config: Config, sample: bool):
     """
     from transformers import GenerationConfig
 
-    forced_bos = getattr(model.generation_config, "forced_bos_token_id", None)
+    forced_bos = forced_bos_token_id(model)
     settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=model.config.decoder_start_token_id,
                     forced_bos_token_id=forced_bos)
@@ -641,6 +805,21 @@ def generate(model, encoded: dict, settings) -> torch.Tensor:
         model.generation_config = saved
 
 
+def forced_bos_token_id(model) -> int | None:
+    """The token the checkpoint forces as the first generated one (BART-large, mBART), else None."""
+    for source in (model.generation_config, model.config):
+        token = getattr(source, "forced_bos_token_id", None)
+        if token is not None:
+            return token
+    return None
+
+
+def decoder_start_token_id(model) -> int:
+    """The token every decoder sequence starts with (eos for BART, pad for T5)."""
+    token = model.config.decoder_start_token_id
+    return model.generation_config.decoder_start_token_id if token is None else token
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (weights stay fp32), nothing on CPU."""
     if device.type == "cuda":
@@ -654,6 +833,11 @@ def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
     for start in range(0, num_articles, articles_per_micro_batch):
         stop = min(start + articles_per_micro_batch, num_articles)
         yield slice(start, stop), slice(start * group_size, stop * group_size)
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW can run fused (one kernel over all parameters, same math): on CUDA and, since torch 2.4, CPU."""
+    return device.type in ("cuda", "cpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -714,7 +898,8 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
     """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate,
+                                  fused=fused_adamw(device))
     scheduler = get_scheduler("linear", optimizer, min(config.warmup_steps, config.sft_steps), config.sft_steps)
     policy.train()
     progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
@@ -911,7 +1096,7 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     else:
         reference_forward = GroupedSeq2Seq(frozen_copy(policy))  # pi_ref: the policy as GRPO starts (after SFT)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=fused_adamw(device))
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
     state = TrainerState()
     if checkpoints:
@@ -1177,6 +1362,8 @@ def validate_config(config: Config) -> None:
         (config.text_column != config.summary_column,
          f"--text_column and --summary_column are both {config.text_column!r}; the article and its reference "
          "summary must be two different columns"),
+        (not config.compile_sampler or (torch.cuda.is_available() and config.device != "cpu"),
+         "--compile_sampler captures CUDA graphs and needs a CUDA device; drop it on this machine"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1390,9 +1577,13 @@ def batch_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: in
 def tokenize_articles(tokenizer, articles: list[str], config: Config, device) -> tuple[dict, int]:
     """Tokenize a batch of articles, truncated to max_source_length; also returns how many were truncated."""
     texts = [config.source_prefix + article for article in articles]
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    encoded = tokenizer(texts, max_length=config.max_source_length, truncation=True, padding=True, return_tensors="pt")
-    return encoded.to(device), sum(length > config.max_source_length for length in lengths)
+    rows, limit = tokenizer(texts)["input_ids"], config.max_source_length  # tokenized once, not truncated
+    special = set(tokenizer.all_special_ids)
+    probe = tokenizer("a")["input_ids"]
+    suffix = len(probe) - next(i for i in range(len(probe), 0, -1) if probe[i - 1] not in special)  # e.g. </s>: 1
+    cut = [ids if len(ids) <= limit else ids[:limit - suffix] + ids[len(ids) - suffix:] for ids in rows]
+    encoded = tokenizer.pad({"input_ids": cut}, padding=True, return_tensors="pt")  # = truncation=True's result
+    return encoded.to(device), sum(len(ids) > limit for ids in rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2431,6 +2622,16 @@ def best_time_ms(function, repeats: int = 5) -> float:
     return 1000 * min(times)
 
 
+def interleaved_best_ms(functions: dict, repeats: int = 3) -> dict[str, float]:
+    """The fastest call of each function in milliseconds, the functions called in turn (A B A B ...), so that a
+    change in machine load during the measurement hits all of them alike."""
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(best_time_ms(function, 1))
+    return {name: min(values) for name, values in times.items()}
+
+
 def time_rouge(pairs: int = 64, group_size: int = 8) -> dict[str, float]:
     """Milliseconds for the reward's ROUGE on B*G = `pairs` (summary, reference) pairs of 55 words (the length
     of CNN/DailyMail highlights), G summaries per reference: ours vs rouge_score."""
@@ -2458,14 +2659,57 @@ def time_scoring_choices(policy, tokenizer, rows: dict, config: Config, device) 
         return policy(input_ids=rollout.input_ids.repeat_interleave(G, 0), decoder_input_ids=rollout.decoder_input_ids,
                       attention_mask=rollout.attention_mask.repeat_interleave(G, 0), use_cache=False).logits
 
+    def cross_attention_per_sample():  # the scoring pass before the shared cross-attention keys/values
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = policy.get_encoder()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask)[0]
+        return policy(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(G, 0)),
+                      attention_mask=rollout.attention_mask.repeat_interleave(G, 0),
+                      decoder_input_ids=rollout.decoder_input_ids, use_cache=False).logits
+
+    encoded = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+    settings = generation_settings(policy, tokenizer, config, sample=True)
+    sampler = lambda: sample_completions(policy, rollout.input_ids, rollout.attention_mask, G,  # noqa: E731
+                                         config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                         config.temperature, config.top_p, with_logprobs=False)
+    with autocast(device):  # before and after this change, side by side
+        rollouts = interleaved_best_ms({"rollout_hf_generate_ms": lambda: generate(policy, encoded, settings),
+                                        "rollout_our_sampler_ms": sampler})
+        rollouts.update(interleaved_best_ms({"score_cross_attention_per_sample_ms": cross_attention_per_sample,
+                                             "score_cross_attention_shared_ms": encoder_once}))
     tokens = rollout.completion_ids  # log-probs are timed at BART's vocabulary, where their cost matters
     logits = torch.randn(*tokens.shape, BART_VOCABULARY_SIZE, device=device)
     with autocast(device):
-        return {"score_encoder_once_ms": best_time_ms(encoder_once),
+        return {**rollouts, "score_encoder_once_ms": best_time_ms(encoder_once),
                 "score_encoder_per_sample_ms": best_time_ms(encoder_per_sample),
                 "logprobs_v50k_logsumexp_per_row_ms": best_time_ms(lambda: token_logprobs(logits, tokens)),
                 "logprobs_v50k_log_softmax_ms": best_time_ms(
                     lambda: torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))}
+
+
+@contextlib.contextmanager
+def paths_before_sampler():
+    """For --benchmark's side-by-side step times: the rollout and scoring paths this script took before its own
+    sampler, i.e. rollouts by transformers' generate() (multinomial sampling, cross-attention keys/values
+    projected per sample) and scoring passes that project them per sample (no shared cache)."""
+    module = sys.modules[__name__]
+    saved = module.sample_completions, module.shared_cross_attention_cache
+
+    def generate_rollouts(model, input_ids, attention_mask, group_size, max_new_tokens, eos_token_id, pad_token_id,
+                          temperature, top_p, **unused):
+        from transformers import GenerationConfig
+
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos_token_id,
+                                    pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id(model),
+                                    forced_bos_token_id=forced_bos_token_id(model), do_sample=True,
+                                    num_return_sequences=group_size, temperature=temperature, top_p=top_p, top_k=0)
+        return generate(model, {"input_ids": input_ids, "attention_mask": attention_mask}, settings), None
+
+    module.sample_completions, module.shared_cross_attention_cache = generate_rollouts, lambda *args: None
+    try:
+        yield
+    finally:
+        module.sample_completions, module.shared_cross_attention_cache = saved
 
 
 def run_benchmark(config: Config, dist: "Distributed", log) -> int:
@@ -2474,29 +2718,31 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     from transformers import get_scheduler
 
     device = dist.device
-    torch.manual_seed(config.seed)
-    train_rows, _ = load_data(config, log)
-    policy, tokenizer = load_policy_and_tokenizer(config, device)
-    set_grpo_mode(policy, config)
-    if config.lora_r > 0:
-        policy = add_lora(policy, config)
-        set_grpo_mode(policy, config)
-        reference_forward = AdaptersDisabled(policy)
-    else:
-        reference_forward = GroupedSeq2Seq(frozen_copy(policy))
-    policy_forward = torch.compile(GroupedSeq2Seq(policy)) if config.compile else GroupedSeq2Seq(policy)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
-    scheduler = get_scheduler("constant", optimizer)
+    run = build_run(config, dist, log)  # what train() builds: data, policy, pi_ref, fused AdamW and its schedule
+    train_rows, policy, tokenizer = run.train_rows, run.policy, run.tokenizer
+    policy_forward, reference_forward, optimizer, scheduler = (run.policy_forward, run.reference_forward,
+                                                               run.optimizer, run.scheduler)
+    before_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],  # unfused, as before
+                                         lr=config.learning_rate, weight_decay=config.weight_decay)
+    before_scheduler = get_scheduler(config.lr_scheduler, before_optimizer, config.warmup_steps,
+                                     config.max_steps * config.num_iterations)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    totals = Counter()
+    totals, before_totals = Counter(), Counter()
     for step in range(BENCHMARK_WARMUP_STEPS + config.max_steps):
         rows = train_rows[batch_indices(step, config.batch_size, len(train_rows), config.seed)]
-        numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler,
-                            config, device)
-        if step >= BENCHMARK_WARMUP_STEPS:
-            totals.update({k: v for k, v in numbers.items()  # time_update is the sum of forward, backward, optimizer
-                           if k.startswith("time_") and k != "time_update" or k in ("seconds", "generated_tokens")})
+        for paths, step_totals in ((contextlib.nullcontext(), totals), (paths_before_sampler(), before_totals)):
+            with paths:  # each step twice, with today's paths and the earlier ones, alternating
+                numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows,
+                                    optimizer if step_totals is totals else before_optimizer,
+                                    scheduler if step_totals is totals else before_scheduler, config, device)
+            if step >= BENCHMARK_WARMUP_STEPS:  # time_update is the sum of forward, backward, optimizer
+                step_totals.update({k: v for k, v in numbers.items() if k.startswith("time_") and k != "time_update"
+                                    or k in ("seconds", "generated_tokens")})
+    before_seconds = before_totals.pop("seconds")
+    before = {"before_steps_per_second": config.max_steps / before_seconds,
+              **{f"before_share_{k.removeprefix('time_')}": v / before_seconds
+                 for k, v in sorted(before_totals.items()) if k.startswith("time_")}}
     seconds = totals.pop("seconds")
     result = {"device": str(device), "steps": config.max_steps, "batch_size": config.batch_size,
               "group_size": config.group_size, "max_new_tokens": config.max_new_tokens,
@@ -2508,6 +2754,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
               "generated_tokens_per_second": totals.pop("generated_tokens") / seconds,
               **{f"share_{k.removeprefix('time_')}": v / seconds for k, v in sorted(totals.items())},
               "peak_cpu_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result.update(before, threads=torch.get_num_threads())
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result.update(time_scoring_choices(policy, tokenizer, rows, config, device))

@@ -250,15 +250,18 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(grpo, mo
         # hooks stay outside the recompute, while the modules it calls run again)
         inner = policy.get_decoder().layers[0].self_attn if model == "bart" else policy.get_decoder().block[0].layer[0]
         calls = []
-        handle = inner.register_forward_hook(lambda module, inputs, output: calls.append(1))
+        handle = inner.register_forward_hook(lambda module, inputs, output: calls.append(output[0].size(0)))
         for group in optimizer.param_groups:  # keep the weights: compare the gradients of the same parameters
             group["lr"] = 0.0
         grpo.grpo_update(grpo.GroupedSeq2Seq(policy), optimizer, scheduler, rollout, config, device,
                          grpo.PhaseTimer(device))
         handle.remove()
-        layer_calls[checkpointing] = len(calls)
+        layer_calls[checkpointing] = calls  # the batch size of each call
         gradients[checkpointing] = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
-    assert layer_calls == {False: 1, True: 2}  # one micro-batch: forward, plus the recompute in backward
+    # one micro-batch (B articles, B*G samples): without checkpointing, the one-token pass over the B articles that
+    # fills the shared cross-attention cache, then the forward; with it (no cache), the forward and its recompute
+    samples = config.batch_size * config.group_size
+    assert layer_calls == {False: [config.batch_size, samples], True: [samples, samples]}
     assert len(gradients[True]) == len(gradients[False]) > 0
     for with_checkpointing, without in zip(gradients[True], gradients[False]):
         torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-6)
