@@ -484,7 +484,7 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
                                       batch_std=batch_reward_std(rewards) if config.scale_rewards == "batch" else None)
     if config.mask_truncated_completions:
         mask = mask * (~truncated).unsqueeze(1)
-    mask = exclude_forced_tokens(mask, getattr(policy.generation_config, "forced_bos_token_id", None))
+    mask = exclude_forced_tokens(mask, forced_bos_token_id(policy))  # the sampler forces exactly this token
     rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], sequences[:, :length], completion_ids,
                       mask, advantages)
     zero_std_groups = (advantages.view(-1, config.group_size) == 0).all(dim=1)  # (B,): all G rewards equal
