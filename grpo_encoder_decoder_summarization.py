@@ -17,6 +17,19 @@ so pi_old = pi_theta, the ratio is exactly 1 and the clip never fires: the updat
 policy gradient, -A_i * grad log pi_theta(y_t), plus the KL term. No old-policy pass is run. The clip (epsilon)
 matters only when mu > 1, where later updates on the same rollout move pi_theta away from pi_old.
 
+Reading map, top to bottom (the algorithm first; everything after the PLUMBING banner only serves it):
+  Config                       every flag, with its paper symbol (G, beta, epsilon, mu); --help lists them
+  GRPO step 1/4, the math      group_advantages, completion_mask, token_logprobs, grpo_loss: pure tensor functions
+  GRPO step 2/4, the rollout   sample_completions (our encoder-decoder sampler), rollout_step (rewards, advantages)
+  GRPO step 3/4, the update    grpo_update: mu AdamW steps on one rollout (the algorithm's lines marked # ALGO)
+  GRPO step 4/4                grpo_step: rollout -> pi_ref (and pi_old) log-probs -> update
+  Model glue                   GroupedSeq2Seq (the encoder once per article), LoRA, generation settings
+  The reward                   compute_rewards: edit it to change what GRPO optimizes
+  SFT and evaluation           sft_warmup, evaluate
+  The main loop                train: a batch -> grpo_step -> log -> evaluate / save; build_run sets it up
+  PLUMBING                     flags, data files, run files and checkpoints, processes (DDP), ROUGE internals,
+                               bootstrap intervals and eval-only mode, the demo world, the benchmark
+
 References:
   GRPO      Shao et al. 2024, DeepSeekMath, arXiv:2402.03300
   PPO       Schulman et al. 2017, arXiv:1707.06347; k3 KL estimator: J. Schulman, "Approximating KL divergence"

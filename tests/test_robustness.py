@@ -214,14 +214,15 @@ def test_best_model_is_refreshed_only_on_strict_improvement(grpo, tiny_bart_dir,
     scores = {0: 0.1, 2: 0.3, 4: 0.3, 6: 0.2}  # the best is step 2; step 4 ties it
     current_step, weights, state = [0], {}, grpo.TrainerState()
     monkeypatch.setattr(grpo, "evaluate", lambda policy, tokenizer, held_out, config, device, dist: (
-        {key: scores[current_step[0]] for key in grpo.ROUGE_KEYS}, []))
+        {key: scores[current_step[0]] for key in grpo.ROUGE_KEYS}, [], []))  # metrics, examples, per article
     for step in scores:
         current_step[0] = step
         with torch.no_grad():
             for parameter in policy.parameters():
                 parameter.add_(1.0)  # a different model at every evaluation
         weights[step] = {k: v.clone() for k, v in policy.state_dict().items()}
-        grpo.record_evaluation(config, grpo.Distributed(), step, policy, tokenizer, None, state, log=lambda m: None)
+        grpo.record_evaluation(config, grpo.Distributed(), step, policy, tokenizer, ["one held-out row"], state,
+                               log=lambda m: None)
     assert state.best_score == 0.3
     assert [e["step"] for e in read_jsonl(tmp_path / "eval.jsonl")] == [0, 2, 4, 6]
     saved = load_file(tmp_path / "best" / "model.safetensors")
