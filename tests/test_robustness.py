@@ -214,7 +214,8 @@ def test_best_model_is_refreshed_only_on_strict_improvement(grpo, tiny_bart_dir,
     scores = {0: 0.1, 2: 0.3, 4: 0.3, 6: 0.2}  # the best is step 2; step 4 ties it
     current_step, weights, state = [0], {}, grpo.TrainerState()
     monkeypatch.setattr(grpo, "evaluate", lambda policy, tokenizer, held_out, config, device, dist: (
-        {key: scores[current_step[0]] for key in grpo.ROUGE_KEYS}, [], []))  # metrics, examples, per article
+        {f"{key}{part}": scores[current_step[0]] for key in grpo.ROUGE_KEYS for part in ("", "_ci_low", "_ci_high")},
+        [], []))  # metrics (with their intervals), examples, per-article records
     for step in scores:
         current_step[0] = step
         with torch.no_grad():
