@@ -22,6 +22,7 @@ References:
 
 How to run:
   python grpo_encoder_decoder_summarization.py --demo                  # offline demo, a few minutes on a CPU
+  python grpo_encoder_decoder_summarization.py --demo --demo_seeds=3   # the demo's table over seeds 0, 1, 2
   python grpo_encoder_decoder_summarization.py                         # bart-base on CNN/DailyMail (GPU)
   python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
   python grpo_encoder_decoder_summarization.py --train_file=train.jsonl --validation_file=val.jsonl
