@@ -1610,14 +1610,15 @@ COMPARISON_KEYS = (*ROUGE_KEYS, "gen_length", "ref_length", "distinct_fraction",
 
 def demo_control(config: Config, train_rows, held_out, device, dist: "Distributed", log) -> dict:
     """The control row of the demo: the model GRPO started from (output_dir/reference), trained max_steps more
-    SFT steps at the GRPO learning rate instead of GRPO, then evaluated like the GRPO model."""
+    SFT steps instead of GRPO (sft_warmup as configured, with a fresh optimizer and schedule; the data order
+    starts again, so these are more epochs over the same training set), then evaluated like the GRPO model."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     start_dir = os.path.join(config.output_dir, "reference")
     policy = AutoModelForSeq2SeqLM.from_pretrained(start_dir, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(start_dir)
     torch.manual_seed(config.seed)  # dropout during the extra SFT steps
-    control = dataclasses.replace(config, sft_steps=config.max_steps, sft_learning_rate=config.learning_rate)
+    control = dataclasses.replace(config, sft_steps=config.max_steps)
     sft_warmup(GroupedSeq2Seq(policy), policy, tokenizer, train_rows, control, device, dist, log)
     metrics, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
     log("control (start + more SFT): " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
