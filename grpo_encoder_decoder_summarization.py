@@ -793,6 +793,7 @@ def validate_config(config: Config) -> None:
          "--eval_every, --save_every, --eval_samples, --eval_batch_size and --sft_batch_size must be >= 1"),
         (config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1"),
         (config.demo_seeds >= 1, "--demo_seeds must be >= 1"),
+        (config.demo_seeds == 1 or config.demo, "--demo_seeds applies to the demo only: add --demo, or leave it out"),
         (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
         (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,

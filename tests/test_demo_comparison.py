@@ -96,7 +96,8 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     assert result.stdout.count("entity_recall") == 3  # the table of each seed and the table over seeds
 
 
-def test_demo_seeds_must_be_positive(grpo, capsys):
-    assert grpo.main(["--demo", "--demo_seeds=0"]) == 2
+@pytest.mark.parametrize("argv", [["--demo", "--demo_seeds=0"], ["--demo_seeds=3"]])
+def test_bad_demo_seeds_is_one_error_line(grpo, capsys, argv):
+    assert grpo.main(argv) == 2  # a count below 1, or seeds without --demo (never silently ignored)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and "--demo_seeds" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--demo_seeds" in lines[0]
