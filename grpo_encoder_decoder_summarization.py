@@ -40,6 +40,7 @@ References:
 
 How to run:
   python grpo_encoder_decoder_summarization.py --demo                  # offline demo, a few minutes on a CPU
+  python grpo_encoder_decoder_summarization.py --demo --demo_seeds=3   # the demo's table over seeds 0, 1, 2
   python grpo_encoder_decoder_summarization.py                         # bart-large-cnn on CNN/DailyMail (GPU)
   python grpo_encoder_decoder_summarization.py --eval_only=True --eval_split=test --eval_decoding=checkpoint
   python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
@@ -152,6 +153,7 @@ class Config:
     resume: bool = False  # continue from the latest checkpoint in output_dir
     overwrite_output_dir: bool = False  # let a fresh run delete an earlier run in output_dir (else it stops)
     demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
+    demo_seeds: int = 1  # --demo: run seeds seed..seed+n-1 (each in output_dir/seed_N) and print mean and spread
     benchmark: bool = False  # time every phase of a fixed tiny workload and print a table
 
 
@@ -159,8 +161,8 @@ class Config:
 DEMO_CONFIG = dict(
     output_dir="runs/demo", max_source_length=160, max_new_tokens=40, group_size=8, batch_size=8,
     micro_batch_size=64, temperature=0.7, learning_rate=1e-4, beta=0.02, warmup_steps=5,
-    lr_scheduler="constant_with_warmup", sft_steps=200, sft_learning_rate=1e-3, sft_batch_size=32, max_steps=150,
-    eval_every=25, eval_samples=200, eval_batch_size=100, save_every=50,
+    lr_scheduler="constant_with_warmup", sft_steps=600, sft_learning_rate=1e-3, sft_batch_size=32, max_steps=150,
+    eval_every=50, eval_samples=200, eval_batch_size=100, save_every=50,
 )
 BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0)  # --benchmark: the demo's setup, timed
 DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
@@ -989,6 +991,7 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
     metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
     metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
     metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
+    metrics.update(summary_quality(predictions, references, articles))
     examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
                 for i in range(min(config.num_examples, len(predictions)))]
     per_article = [{"index": i, "reference": references[i], "prediction": predictions[i],
@@ -1232,8 +1235,10 @@ def finish_run(run: Run) -> None:
         save_pretrained_atomic(run.policy, run.tokenizer, os.path.join(config.output_dir, "final"))
         plot_curves(config.output_dir)
         log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
-    if config.demo and dist.is_main:
-        report_demo(config)
+    if config.demo:  # the control: the same start, trained max_steps more SFT steps instead of GRPO
+        control, control_per_article = demo_control(config, run.train_rows, run.held_out, dist.device, dist, log)
+        if dist.is_main:
+            report_demo(config, control, control_per_article)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1364,6 +1369,8 @@ def validate_config(config: Config) -> None:
          "--eval_only=True cannot be combined with --demo, --benchmark or --resume"),
         (not config.demo or config.eval_samples >= 1, "--demo needs --eval_samples >= 1: it reports held-out ROUGE"),
         (config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1"),
+        (config.demo_seeds >= 1, "--demo_seeds must be >= 1"),
+        (config.demo_seeds == 1 or config.demo, "--demo_seeds applies to the demo only: add --demo, or leave it out"),
         (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
         (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
@@ -1722,6 +1729,54 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     log(f"written: {config.output_dir}/eval.jsonl (scores, {CONFIDENCE_LEVEL:.0%} bootstrap CIs) and "
         f"{predictions_path} (every article)")
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation internals: bootstrap confidence intervals, summary quality measures, eval-only mode
+# --------------------------------------------------------------------------------------------------
+def summary_entities(text: str) -> set[str]:
+    """Numbers and capitalised words that do not start a sentence (names, places), lowercased.
+
+    A heuristic for facts that works on any English text: "Sales up 4 percent, said Dax Dale." -> {4, dax, dale}.
+    """
+    entities = set()
+    for sentence in re.split(r"(?<=[.!?])\s+|\n", text):
+        words = re.findall(r"\w+", sentence)
+        entities.update(w.lower() for i, w in enumerate(words) if w.isdigit() or (i > 0 and w[:1].isupper()))
+    return entities
+
+
+def summary_quality(predictions: list[str], references: list[str], articles: list[str]) -> dict[str, float]:
+    """Content and reward-hacking measures of summaries (words and punctuation are runs of \\w / of other
+    non-space characters), each averaged over the summaries:
+
+      entity_recall        share of the reference's entities (summary_entities) found among the summary's words
+      invented_entities    share of the summary's entities (numbers; names only where the summary is cased)
+                           whose word is not in the article: facts made up
+      repeated_trigrams    share of the summary's word 3-grams that already occurred earlier in it: loops
+      punctuation_fraction share of the summary's tokens that are punctuation: " . . . ." padding costs no ROUGE
+      trailing_punctuation punctuation tokens after the last word, minus 1 (0 for a summary ending in one ".")
+      top_summary_share    share of all summaries equal to the most common one: collapse to a few strings
+    """
+    totals = Counter()
+    for prediction, reference, article in zip(predictions, references, articles):
+        words = {w.lower() for w in re.findall(r"\w+", prediction)}
+        wanted, made = summary_entities(reference), summary_entities(prediction)
+        article_words = {w.lower() for w in re.findall(r"\w+", article)}
+        totals["entity_recall"] += len(wanted & words) / len(wanted) if wanted else 1.0
+        totals["invented_entities"] += len(made - article_words) / len(made) if made else 0.0
+        trigrams = list(zip(*(re.findall(r"\w+", prediction.lower())[i:] for i in range(3))))
+        totals["repeated_trigrams"] += (len(trigrams) - len(set(trigrams))) / len(trigrams) if trigrams else 0.0
+        tokens = re.findall(r"\w+|[^\w\s]", prediction)
+        punctuation = [not re.match(r"\w", t) for t in tokens]
+        totals["punctuation_fraction"] += sum(punctuation) / len(tokens) if tokens else 0.0
+        trailing = len(punctuation) - max((i + 1 for i, p in enumerate(punctuation) if not p), default=0)
+        totals["trailing_punctuation"] += max(trailing - 1, 0)
+    count = max(len(predictions), 1)
+    metrics = {key: totals[key] / count for key in ("entity_recall", "invented_entities", "repeated_trigrams",
+                                                    "punctuation_fraction", "trailing_punctuation")}
+    metrics["top_summary_share"] = Counter(predictions).most_common(1)[0][1] / count if predictions else 0.0
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2424,51 +2479,67 @@ SKY = "grey sunny cold mild windy cloudy".split()
 BUILDINGS = "church|mill|castle|market hall|clock tower".split("|")
 RIVERS = "Ash Brill Coombe Dove Elder".split()
 EVENTS = "music festival|cheese fair|boat race|book fair".split("|")
-# Each event: lead variants, fact sentences, a quote, and two highlight lines (all in distinct wording).
+# Each event: lead variants, fact sentences, a quote, and two highlight lines (all in distinct wording). The first
+# highlight line has valid phrasings of two kinds: a vague one, and a factual one that comes in three variants
+# differing only in its first words. The vague one is the most frequent single phrasing, so a model trained by
+# maximum likelihood writes it when decoding greedily; the factual variants are more frequent together and share
+# most of their words, so a summary in the factual phrasing overlaps more with the reference on average (ROUGE).
 EVENTS_TEMPLATES = [
     {"lead": ["{company} said on {day} that its profit rose to {amount} million crowns last year.",
               "Shares in {company} climbed on {day} after the firm reported a profit of {amount} million crowns."],
      "facts": ["Sales grew by {pct} percent, helped by strong demand for its {product}.",
                "The company, based in {town}, was founded in {year} and employs {num} people."],
      "quote": "\"This has been a very good year for all of us,\" said chief executive {person}.",
-     "high": ["{town} firm {company} makes {amount} million crowns profit.",
-              "Sales up {pct} percent, chief executive {person} says."]},
+     "high": [["A good year for {company}, its boss says.",
+               "{variant} {company} of {town} makes {amount} million crowns profit."],
+              "Sales up {pct} percent, chief executive {person} says."], "variants": ["Firm", "Local firm", "The firm"]},
     {"lead": ["The {team} beat the {team2} {a} - {b} in {town} on {day}.",
               "A late goal on {day} helped the {team} to a {a} - {b} win over the {team2} in {town}."],
      "facts": ["{person} scored {k} of the goals for the home side.",
                "A crowd of {num} thousand watched the match."],
      "quote": "\"We played with real heart tonight,\" said coach {person2}.",
-     "high": ["{person} scores {k} as {team} defeat {team2} {a} - {b}.",
-              "Coach {person2} praises his players after the win in {town}."]},
+     "high": [["What a night for the {team} and their fans.",
+               "{variant} {person} scores {k} as {team} defeat {team2} {a} - {b}."],
+              "Coach {person2} praises his players after the win in {town}."],
+     "variants": ["Striker", "Home striker", "The striker"]},
     {"lead": ["The council of {town} voted on {day} to spend {amount} million crowns on a new {facility}.",
               "Councillors in {town} have approved a new {facility} that will cost {amount} million crowns."],
      "facts": ["The plan was passed by {num} votes to {num2}.",
                "Work on the {facility} is due to start in {year}."],
      "quote": "\"People here have waited a long time for this,\" said mayor {person}.",
-     "high": ["{town} backs {amount} million crowns plan for new {facility}.",
-              "Building starts in {year}, mayor {person} says."]},
+     "high": [["A long wait ends for the people of {town}.",
+               "{variant} {town} backs {amount} million crowns plan for new {facility}."],
+              "Building starts in {year}, mayor {person} says."], "variants": ["Council in", "Town council in", "The council in"]},
     {"lead": ["Heavy {storm} hit {town} on {day}, closing roads and schools across the region.",
               "Roads and schools in {town} were closed on {day} as heavy {storm} swept the area."],
      "facts": ["Forecasters said {num} millimetres of rain fell in just {hours} hours.",
                "About {num2} thousand homes lost power, according to {company}."],
      "quote": "\"We have not seen anything like this since {year},\" said local farmer {person}.",
-     "high": ["{num} millimetres of rain fall on {town} in {hours} hours.",
-              "{company} says {num2} thousand homes lost power."]},
+     "high": [["Stormy day brings {town} to a halt.",
+               "{variant} {num} millimetres of rain fall on {town} in {hours} hours."],
+              "{company} says {num2} thousand homes lost power."], "variants": ["Record", "New record", "Another record"]},
     {"lead": ["Researchers at the University of {town} say they have found a new kind of {find} in {place}.",
               "A new kind of {find} has been found in {place} by a team from the University of {town}."],
      "facts": ["The team studied {num} samples over {span} years.",
                "The finding was published in the journal {journal} in {year}."],
      "quote": "\"It was a real surprise to everyone in the lab,\" said professor {person}.",
-     "high": ["Scientists in {town} discover new {find} after {span} years of work.",
-              "Professor {person} led the team, which studied {num} samples."]},
+     "high": [["A big surprise for the lab at {town}.",
+               "{variant} scientists in {town} discover new {find} after {span} years of work."],
+              "Professor {person} led the team, which studied {num} samples."],
+     "variants": ["University", "Local university", "The university"]},
     {"lead": ["{person} was elected mayor of {town} on {day} after a close race against {person2}.",
               "Voters in {town} chose {person} as their new mayor on {day}, ending a long campaign."],
      "facts": ["{person} won {share} percent of the vote.",
                "Turnout was {num} percent, the highest since {year}."],
      "quote": "\"This victory belongs to every family in {town},\" said {person}.",
-     "high": ["{person} beats {person2} to become mayor of {town}.",
-              "Winner takes {share} percent of the vote as turnout hits {num} percent."]},
+     "high": [["A new face at the top in {town}.",
+               "{variant} {person} beats {person2} to become mayor of {town}."],
+              "Winner takes {share} percent of the vote as turnout hits {num} percent."],
+     "variants": ["Candidate", "Local candidate", "The candidate"]},
 ]
+
+
+DEMO_PHRASING_WEIGHTS = (0.34, 0.22, 0.22, 0.22)  # first highlight line: P(vague), then P(each factual variant)
 
 
 def demo_slots(rng: random.Random) -> dict:
@@ -2489,7 +2560,7 @@ def demo_slots(rng: random.Random) -> dict:
 
 
 def demo_row(rng: random.Random) -> dict:
-    """Build one article (lead first, then shuffled facts/quote/filler) and its 2-line highlights."""
+    """Build one article (lead first, then shuffled facts/quote/filler) and its 2-line highlights (a random phrasing)."""
     event, slots = rng.choice(EVENTS_TEMPLATES), demo_slots(rng)
     body = [s.format(**slots) for s in event["facts"] + [event["quote"]]]
     lead = rng.choice(event["lead"]).format(**slots)
@@ -2500,7 +2571,9 @@ def demo_row(rng: random.Random) -> dict:
             break
         body.append(filler)
     rng.shuffle(body)
-    return {"article": " ".join([lead] + body), "highlights": "\n".join(h.format(**slots) for h in event["high"])}
+    choice = rng.choices(range(len(DEMO_PHRASING_WEIGHTS)), weights=DEMO_PHRASING_WEIGHTS)[0]
+    first = event["high"][0][0] if choice == 0 else event["high"][0][1].replace("{variant}", event["variants"][choice - 1])
+    return {"article": " ".join([lead] + body), "highlights": "\n".join(h.format(**slots) for h in [first, event["high"][1]])}
 
 
 def unique_demo_rows(seed: int, exclude: frozenset = frozenset()) -> Iterator[dict]:
@@ -2591,22 +2664,57 @@ def prepare_demo(config: Config, dist: "Distributed", log, given: set[str] = fro
     return dataclasses.replace(config, **{k: v for k, v in paths.items() if k not in given})
 
 
-def report_demo(config: Config) -> None:
-    """Print the held-out ROUGE before and after GRPO, and three held-out examples, from the run's files."""
+COMPARISON_KEYS = (*ROUGE_KEYS, "gen_length", "ref_length", "distinct_fraction", "entity_recall", "invented_entities",
+                   "repeated_trigrams", "punctuation_fraction", "trailing_punctuation", "top_summary_share")
+
+
+def demo_control(config: Config, train_rows, held_out, device, dist: "Distributed", log) -> tuple[dict, list[dict]]:
+    """The control row of the demo: the model GRPO started from (output_dir/reference), trained max_steps more
+    SFT steps instead of GRPO (sft_warmup as configured, with a fresh optimizer and schedule; the data order
+    starts again, so these are more epochs over the same training set), then evaluated like the GRPO model.
+    Returns its metrics and per-article records (for the paired comparison with GRPO)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    start_dir = os.path.join(config.output_dir, "reference")
+    policy = AutoModelForSeq2SeqLM.from_pretrained(start_dir, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(start_dir)
+    torch.manual_seed(config.seed)  # dropout during the extra SFT steps
+    control = dataclasses.replace(config, sft_steps=config.max_steps)
+    sft_warmup(GroupedSeq2Seq(policy), policy, tokenizer, train_rows, control, device, dist, log)
+    metrics, _, per_article = evaluate(policy, tokenizer, held_out, config, device, dist)
+    log("control (start + more SFT): " + format_scores(metrics))
+    return metrics, per_article
+
+
+def report_demo(config: Config, control: dict, control_per_article: list[dict]) -> dict:
+    """Write comparison.json (start, control, grpo rows and steps, and the paired bootstrap of GRPO minus the
+    control and minus the start on the same articles), print the table and three held-out examples."""
     def read(name):
         with open(os.path.join(config.output_dir, name), encoding="utf-8") as file:
             return [json.loads(line) for line in file]
 
     evals, examples = read("eval.jsonl"), read("eval_examples.jsonl")
     before, after = evals[0], evals[-1]
-    print(f"\nheld-out greedy ROUGE F1 on {config.eval_samples} synthetic articles "
-          f"(GRPO started from the SFT checkpoint at step {before['step']}):")
-    print(f"{'metric':<18}{'before GRPO':>12}{'after GRPO':>12}{'change':>10}")
-    for key in (*ROUGE_KEYS, "gen_length", "distinct_fraction"):
-        interval = (f"  paired 95% CI [{after[f'{key}_change_ci_low']:+.4f}, {after[f'{key}_change_ci_high']:+.4f}]"
-                    if f"{key}_change_ci_low" in after else "")
-        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+10.4f}{interval}")
-    print(f"{'reference length':<18}{after['ref_length']:>12.1f} words")
+    rows = {"start": before, "control": control, "grpo": after}
+    comparison = {name: {key: row[key] for key in COMPARISON_KEYS} for name, row in rows.items()}
+    grpo_per_article = [r for r in read("eval_predictions.jsonl") if r["step"] == after["step"]]
+    start_per_article = [r for r in read("eval_predictions.jsonl") if r["step"] == before["step"]]
+    comparison.update(steps=after["step"], sft_steps=config.sft_steps, seed=config.seed,
+                      torch_threads=torch.get_num_threads(),
+                      grpo_minus_control=paired_change(control_per_article, grpo_per_article, config.seed),
+                      grpo_minus_start=paired_change(start_per_article, grpo_per_article, config.seed))
+    with open(os.path.join(config.output_dir, "comparison.json"), "w", encoding="utf-8") as file:
+        json.dump(comparison, file, indent=1)
+    print(f"\nheld-out greedy decoding on {config.eval_samples} synthetic articles, seed {config.seed}: start = "
+          f"{config.sft_steps} SFT steps; control = start + {after['step']} SFT steps; grpo = start + "
+          f"{after['step']} GRPO steps")
+    print_comparison({name: {key: [value] for key, value in row.items()} for name, row in comparison.items()
+                      if name in rows})
+    for name in ("grpo_minus_control", "grpo_minus_start"):
+        change = comparison[name]
+        print(f"{name}, paired bootstrap over the same {len(grpo_per_article)} articles, {CONFIDENCE_LEVEL:.0%} CI: "
+              + "  ".join(f"{key} {change[f'{key}_change']:+.4f} [{change[f'{key}_change_ci_low']:+.4f}, "
+                          f"{change[f'{key}_change_ci_high']:+.4f}]" for key in ("rougeL", "rouge1")))
     first = [e for e in examples if e["step"] == before["step"]]
     last = [e for e in examples if e["step"] == after["step"]]
     for number, (old, new) in enumerate(zip(first, last), start=1):
@@ -2614,6 +2722,51 @@ def report_demo(config: Config) -> None:
         print(f"  reference:   {old['reference']!r}")
         print(f"  before GRPO: {old['prediction']!r}")
         print(f"  after GRPO:  {new['prediction']!r}")
+    return comparison
+
+
+def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
+    """One line per measure, one column per row (start, control, grpo): the mean, and +-half the range over
+    seeds when there are several."""
+    print(f"{'measure':<22}" + "".join(f"{name:>18}" for name in rows))
+    for key in COMPARISON_KEYS:
+        cells = []
+        for values in (rows[name][key] for name in rows):
+            spread = f" +-{(max(values) - min(values)) / 2:.4f}" if len(values) > 1 else ""
+            cells.append(f"{np.mean(values):.4f}{spread}")
+        print(f"{key:<22}" + "".join(f"{cell:>18}" for cell in cells))
+    grpo, control = rows["grpo"]["rougeL"], rows["control"]["rougeL"]
+    gaps = [g - c for g, c in zip(grpo, control)]
+    print(f"{'rougeL grpo - control':<22}{np.mean(gaps):>+18.4f} (per seed: {', '.join(f'{g:+.4f}' for g in gaps)})")
+
+
+def run_demo_seeds(config: Config, given: set[str]) -> int:
+    """--demo --demo_seeds=n: the demo for seeds seed..seed+n-1, each in output_dir/seed_N; then the table of
+    means and spreads over seeds, also written to output_dir/comparison_seeds.json."""
+    results = []
+    for seed in range(config.seed, config.seed + config.demo_seeds):
+        one = dataclasses.replace(config, seed=seed, demo_seeds=1, output_dir=os.path.join(config.output_dir, f"seed_{seed}"))
+        code = train(one, given)
+        if code != 0:
+            return code
+        with open(os.path.join(one.output_dir, "comparison.json"), encoding="utf-8") as file:
+            results.append(json.load(file))
+    rows = {name: {key: [r[name][key] for r in results] for key in COMPARISON_KEYS} for name in ("start", "control", "grpo")}
+    summary = {name: {key: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
+                      for key, v in row.items()} for name, row in rows.items()}
+    summary.update(seeds=[r["seed"] for r in results], steps=results[0]["steps"], sft_steps=results[0]["sft_steps"],
+                   torch_threads=torch.get_num_threads(),
+                   grpo_minus_control=[r["grpo_minus_control"] for r in results])  # per seed, paired bootstrap
+    with open(os.path.join(config.output_dir, "comparison_seeds.json"), "w", encoding="utf-8") as file:
+        json.dump(summary, file, indent=1)
+    print(f"\n{len(results)} seeds ({', '.join(str(r['seed']) for r in results)}): mean +- half the range over seeds; "
+          f"{config.eval_samples} held-out articles each; written to {config.output_dir}/comparison_seeds.json")
+    print_comparison(rows)
+    for r in results:
+        change = r["grpo_minus_control"]
+        print(f"seed {r['seed']}: rougeL grpo - control {change['rougeL_change']:+.4f}, paired {CONFIDENCE_LEVEL:.0%} "
+              f"CI [{change['rougeL_change_ci_low']:+.4f}, {change['rougeL_change_ci_high']:+.4f}]")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2792,6 +2945,8 @@ def main(argv: list[str] | None = None) -> int:
         validate_config(config)
         if config.eval_only:
             return evaluate_only(config, given)
+        if config.demo and config.demo_seeds > 1:
+            return run_demo_seeds(config, given)
         if config.benchmark:
             return run_benchmark(*start_process(config, given))
         return train(config, given)

@@ -30,13 +30,23 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
     evaluations = read_jsonl(output / "eval.jsonl")
     assert [e["step"] for e in evaluations] == [0, 2, 3]  # first: the SFT checkpoint GRPO starts from; last: final
     assert [m["step"] for m in read_jsonl(output / "metrics.jsonl")] == [1, 2, 3]
-    # the before/after table and three examples are printed
+    # the start / control / grpo table and three examples are printed, and the table is written as JSON
+    assert "control" in first.stdout and "rougeL grpo - control" in first.stdout
     assert "before GRPO" in first.stdout and "after GRPO" in first.stdout
+    comparison = json.loads((output / "comparison.json").read_text())
+    assert comparison["steps"] == 3
+    assert comparison["start"]["rougeL"] == evaluations[0]["rougeL"]
+    assert comparison["grpo"]["rougeL"] == evaluations[-1]["rougeL"]
+    for row in ("start", "control", "grpo"):
+        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length", "ref_length", "distinct_fraction",
+                    "entity_recall", "repeated_trigrams", "trailing_punctuation", "top_summary_share"):
+            assert isinstance(comparison[row][key], float), (row, key)
     assert first.stdout.count("example ") == 3 and "reference:" in first.stdout
 
     second = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'b'}", timeout=300)
     check_ok(second)
     assert read_jsonl(tmp_path / "b" / "eval.jsonl") == evaluations  # same seed, same numbers
+    assert json.loads((tmp_path / "b" / "comparison.json").read_text()) == comparison  # the control's too
     assert untimed_metrics(output) == untimed_metrics(tmp_path / "b")
 
 

@@ -1,0 +1,103 @@
+"""The demo's comparison of start / control (more SFT) / GRPO, and the summary quality measures behind it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import read_jsonl, run_script
+
+
+# --------------------------------------------------------------------------------------------------
+# summary_quality: hand-computed cases
+# --------------------------------------------------------------------------------------------------
+def test_summary_entities_are_numbers_and_capitalised_words_inside_sentences(grpo):
+    text = "Sales up 4 percent, said Dax Dale.\nCorvane says 20 thousand. The Mill closed."
+    # "Sales", "Corvane" and "The" start a sentence or line and are left out; "Mill" is inside one
+    assert grpo.summary_entities(text) == {"4", "dax", "dale", "20", "mill"}
+    assert grpo.summary_entities("no names here at all") == set()
+
+
+def test_summary_quality_hand_computed(grpo):
+    predictions = ["dax dale wins 4 . . . .", "the the the the"]
+    references = ["Sales up 4 percent, said Dax Dale.", "Hello to Bob"]
+    articles = ["Dax Dale 4 wins", "nothing"]
+    quality = grpo.summary_quality(predictions, references, articles)
+    expected = {
+        "entity_recall": (3 / 3 + 0 / 1) / 2,  # {4, dax, dale} all found; {bob} missing
+        "invented_entities": 0.0,  # the lowercased summaries' entities: "4", which the article has
+        "repeated_trigrams": (0 / 2 + 1 / 2) / 2,  # "the the the" twice among 2 trigrams
+        "punctuation_fraction": (4 / 8 + 0 / 4) / 2,
+        "trailing_punctuation": (3 + 0) / 2,  # 4 trailing "." minus the one a sentence ends with
+        "top_summary_share": 1 / 2,
+    }
+    assert quality == pytest.approx(expected)
+
+
+def test_summary_quality_flags_invented_numbers_and_names_and_collapse(grpo):
+    quality = grpo.summary_quality(["Mayor Cora Brask won 61 percent.", "x", "x", "x"], ["Cora won."] * 4,
+                                   ["Cora Brask won 55 percent."] * 4)
+    # the cased summary's entities: cora, brask, 61; 61 is not in the article
+    assert quality["invented_entities"] == pytest.approx((1 / 3) / 4)
+    assert quality["top_summary_share"] == pytest.approx(3 / 4)
+    assert quality["entity_recall"] == 1.0  # "Cora" starts the reference: no entity to recall counts as all
+    quality = grpo.summary_quality(["a . b ."], ["A said Bo."], ["Bo"])
+    assert quality["entity_recall"] == 0.0 and quality["trailing_punctuation"] == 0.0
+
+
+def test_summary_quality_of_nothing_is_zero_not_an_error(grpo):
+    assert grpo.summary_quality([""], ["Ref 12."], ["12"])["punctuation_fraction"] == 0.0
+    assert grpo.summary_quality([], [], [])["top_summary_share"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the demo world: maximum likelihood's most likely phrasing is not the ROUGE-best one
+# --------------------------------------------------------------------------------------------------
+def test_demo_world_most_frequent_phrasing_is_not_the_rouge_best(grpo, monkeypatch):
+    def corpus(weights):
+        monkeypatch.setattr(grpo, "DEMO_PHRASING_WEIGHTS", weights)
+        return [row["highlights"] for row in grpo.make_synthetic_corpus(120, seed=3)]
+
+    weights = grpo.DEMO_PHRASING_WEIGHTS
+    assert weights[0] == max(weights) and weights[0] < sum(weights[1:])  # the mode, yet a minority
+    references = corpus(weights)
+    vague, factual = corpus((1, 0, 0, 0)), corpus((0, 1, 0, 0))  # same articles (same draws), phrasing forced
+    rouge_vague = np.mean(grpo.rouge_f1(vague, references)["rougeL"])
+    rouge_factual = np.mean(grpo.rouge_f1(factual, references)["rougeL"])
+    assert rouge_factual > rouge_vague + 0.05
+
+
+# --------------------------------------------------------------------------------------------------
+# the comparison pipeline, shortened (no score thresholds)
+# --------------------------------------------------------------------------------------------------
+SHORT = ["--demo", "--sft_steps=6", "--sft_batch_size=4", "--max_steps=2", "--batch_size=2", "--group_size=4",
+         "--micro_batch_size=8", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--max_new_tokens=8"]
+
+
+def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_path):
+    result = run_script(*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = ("start", "control", "grpo")
+    for seed in (4, 5):
+        comparison = json.loads((tmp_path / f"seed_{seed}" / "comparison.json").read_text())
+        assert comparison["steps"] == 2 and comparison["seed"] == seed
+        for row in rows:
+            assert set(grpo.COMPARISON_KEYS) <= set(comparison[row]), row
+        evaluations = read_jsonl(tmp_path / f"seed_{seed}" / "eval.jsonl")  # start and grpo are the run's evaluations
+        assert comparison["start"]["rougeL"] == evaluations[0]["rougeL"]
+        assert comparison["grpo"]["rougeL"] == evaluations[-1]["rougeL"]
+    summary = json.loads((tmp_path / "comparison_seeds.json").read_text())
+    assert summary["seeds"] == [4, 5]
+    for row in rows:
+        values = summary[row]["rougeL"]["values"]
+        assert len(values) == 2 and summary[row]["rougeL"]["mean"] == pytest.approx(np.mean(values))
+    assert "rougeL grpo - control" in result.stdout and "+-" in result.stdout
+    assert result.stdout.count("entity_recall") == 3  # the table of each seed and the table over seeds
+
+
+@pytest.mark.parametrize("argv", [["--demo", "--demo_seeds=0"], ["--demo_seeds=3"]])
+def test_bad_demo_seeds_is_one_error_line(grpo, capsys, argv):
+    assert grpo.main(argv) == 2  # a count below 1, or seeds without --demo (never silently ignored)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--demo_seeds" in lines[0]
