@@ -766,13 +766,14 @@ def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: to
     those are repeated to the B*G samples (a copy: row b*G + g cannot be a strided view of row b) in a cache
     with an empty self-attention part, so a teacher-forced pass over (B*G, T) reads them instead of projecting
     the article G times. Gradients flow through them to the encoder and the projections as before.
-    None (the plain path) for G = 1, or under gradient checkpointing, which turns the cache off.
+    None (the plain path) for G = 1, and in train mode: there dropout and layerdrop draw anew for every sample
+    and pass, which one shared projection cannot reproduce (and gradient checkpointing, which keeps the model in
+    train mode, turns the cache off). GRPO scores in eval mode, so its passes share.
     """
     from transformers import DynamicCache, EncoderDecoderCache
     from transformers.modeling_outputs import BaseModelOutput
 
-    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
-    if group_size == 1 or checkpointing:  # (the flag transformers sets on the layers it checkpoints, also under peft)
+    if group_size == 1 or model.training:
         return None
     primed = EncoderDecoderCache(DynamicCache(), DynamicCache())
     model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
