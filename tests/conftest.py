@@ -46,6 +46,19 @@ def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_torchrun(*args: str, script=SCRIPT, processes: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` of the script (or another file) with `processes` CPU processes (gloo), offline."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(script), *map(str, args)]
+    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# The flags of a 2-step torchrun run on the tiny models: 2 articles x 4 samples per process, SFT first.
+TORCHRUN_ARGS = ("--max_steps=2", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
+                 "--max_source_length=64", "--eval_every=2", "--eval_samples=5", "--save_every=2", "--sft_steps=1",
+                 "--device=cpu")
+
+
 def read_jsonl(path) -> list[dict]:
     """The records of a .jsonl file (blank lines skipped)."""
     with open(path, encoding="utf-8") as file:

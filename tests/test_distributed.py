@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
-from conftest import SCRIPT, check_ok, read_jsonl, subprocess_env
+from conftest import TORCHRUN_ARGS, check_ok, read_jsonl, run_torchrun
 
 
 def test_batch_indices_give_each_process_its_own_articles(grpo):
@@ -21,12 +19,9 @@ def test_batch_indices_give_each_process_its_own_articles(grpo):
 def test_torchrun_two_processes(tiny_bart_dir, data_files, tmp_path):
     train_file, validation_file = data_files
     output_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-               f"--model_name={tiny_bart_dir}", f"--train_file={train_file}", f"--validation_file={validation_file}",
-               "--max_steps=2", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
-               "--max_source_length=64", "--eval_every=2", "--eval_samples=5", "--save_every=2", "--sft_steps=1",
-               "--learning_rate=1e-3", f"--output_dir={output_dir}", "--device=cpu"]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    flags = (f"--model_name={tiny_bart_dir}", f"--train_file={train_file}", f"--validation_file={validation_file}",
+             *TORCHRUN_ARGS, "--learning_rate=1e-3", f"--output_dir={output_dir}")
+    result = run_torchrun(*flags)
     check_ok(result)
     match = re.search(r"weights identical on all 2 processes \(checksum (\S+)\)", result.stderr)
     assert match, result.stderr[-3000:]
@@ -38,8 +33,7 @@ def test_torchrun_two_processes(tiny_bart_dir, data_files, tmp_path):
     assert (output_dir / "final" / "config.json").exists()
 
     # resume under DDP: two more steps from the step-2 checkpoint (a repeated flag: the last one wins)
-    resumed = subprocess.run([*command, "--max_steps=4", "--resume=True"],
-                             env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    resumed = run_torchrun(*flags, "--max_steps=4", "--resume=True")
     check_ok(resumed)
     assert "resumed from" in resumed.stderr and "weights identical on all 2 processes" in resumed.stderr
     metrics = read_jsonl(output_dir / "metrics.jsonl")

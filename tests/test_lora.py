@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import SCRIPT, check_ok, data_args, read_jsonl, run_script, subprocess_env
+from conftest import TORCHRUN_ARGS, check_ok, data_args, read_jsonl, run_script, run_torchrun
 
 peft = pytest.importorskip("peft")
 
@@ -234,13 +232,9 @@ def test_lora_run_resumes_exactly_keeps_sft_and_saves_merged_models(grpo, tiny_b
 def test_torchrun_two_processes_with_lora(tiny_bart_dir, data_files, tmp_path):
     train_file, validation_file = data_files
     output_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-               f"--model_name={tiny_bart_dir}", f"--train_file={train_file}", f"--validation_file={validation_file}",
-               "--max_steps=2", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
-               "--max_source_length=64", "--eval_every=2", "--eval_samples=5", "--save_every=2", "--sft_steps=1",
-               "--sft_batch_size=4", "--lora_r=4", "--learning_rate=5e-2", "--scale_rewards=batch",
-               f"--output_dir={output_dir}", "--device=cpu"]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    result = run_torchrun(f"--model_name={tiny_bart_dir}", f"--train_file={train_file}",
+                          f"--validation_file={validation_file}", *TORCHRUN_ARGS, "--sft_batch_size=4", "--lora_r=4",
+                          "--learning_rate=5e-2", "--scale_rewards=batch", f"--output_dir={output_dir}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"weights identical on all 2 processes", result.stderr), result.stderr[-3000:]
     metrics = read_jsonl(output_dir / "metrics.jsonl")

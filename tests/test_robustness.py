@@ -238,7 +238,11 @@ def test_best_model_is_refreshed_only_on_strict_improvement(grpo, tiny_bart_dir,
 # --------------------------------------------------------------------------------------------------
 # 3. Ctrl-C: finish the step, save, say how to resume, exit 130
 # --------------------------------------------------------------------------------------------------
-def test_ctrl_c_saves_and_resumes(tiny_bart_dir, data_files, tmp_path):
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl_c", "sigterm"])
+def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, data_files, tmp_path):
+    """Ctrl-C, and SIGTERM (what SLURM sends before pre-empting a job): finish the step, save a checkpoint, say
+    how to resume, exit 128 + the signal number; the resumed run goes on from that checkpoint."""
     out = tmp_path / "run"
     common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--eval_every=1000",
               "--save_every=1000", f"--output_dir={out}")
@@ -248,15 +252,15 @@ def test_ctrl_c_saves_and_resumes(tiny_bart_dir, data_files, tmp_path):
         started = wait_for(lambda: metrics_path.is_file() and bool(metrics_path.read_text().strip()), process,
                            "metrics line", stderr_path)
         assert started, f"exit {process.returncode} before any step; stderr:\n{stderr_path.read_text()}"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal_number)
         returncode = process.wait(timeout=POLL_DEADLINE)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     stderr = stderr_path.read_text()
-    assert returncode == 130, f"exit {returncode}; stderr:\n{stderr}"
-    assert "Traceback" not in stderr, stderr
+    assert returncode == exit_code, f"exit {returncode}; stderr:\n{stderr}"
+    assert "Traceback" not in stderr and signal.Signals(signal_number).name in stderr, stderr
     assert any("--resume=True" in line for line in stderr.splitlines()), stderr
 
     steps = [m["step"] for m in read_jsonl(metrics_path)]

@@ -13,15 +13,13 @@ import io
 import json
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT, check_ok, data_args, read_jsonl, subprocess_env
+from conftest import ROOT, check_ok, data_args, read_jsonl, run_torchrun
 
 TINY = ("--batch_size=2", "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--eval_samples=4",
         "--device=cpu")
@@ -230,37 +228,8 @@ def test_continue_lr_schedule_gives_the_lr_of_a_run_with_the_new_max_steps(grpo,
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. SIGTERM: like Ctrl-C, exit 143
+# 3. SIGTERM: like Ctrl-C, exit 143 (tested with Ctrl-C: test_robustness.py::test_a_signal_saves_and_resumes)
 # --------------------------------------------------------------------------------------------------
-def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_bart_dir, data_files, tmp_path):
-    import time
-
-    out = tmp_path / "run"
-    flags = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--max_source_length=64",
-             "--eval_every=1000", "--save_every=1000", f"--output_dir={out}")
-    stderr_path = tmp_path / "stderr.txt"
-    with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), *flags, "--max_steps=200"], cwd=tmp_path,
-                                   env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
-    metrics = out / "metrics.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and metrics.read_text().strip()) and process.poll() is None:
-            assert time.monotonic() < deadline, stderr_path.read_text()
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    stderr = stderr_path.read_text()
-    assert returncode == 143, f"exit {returncode}\n{stderr}"
-    assert "Traceback" not in stderr and "SIGTERM" in stderr, stderr
-    last = read_jsonl(metrics)[-1]["step"]
-    assert last < 200 and f"stopped at step {last}" in stderr
-    assert any("--resume=True" in line for line in stderr.splitlines())
-    assert (out / "checkpoints" / f"step_{last:08d}.pt").is_file()  # resuming from it: as after Ctrl-C (robustness)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,9 +381,7 @@ def test_two_process_gradients_equal_one_process_gradients_for_every_loss_type(g
     processes hold very different token counts, which is what made dapo's per-process normalization wrong."""
     helper, out = tmp_path / "ddp_gradients.py", tmp_path / "differences.json"
     helper.write_text(DDP_GRADIENTS)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper),
-               str(ROOT), str(tiny_bart_dir), str(data_files[0]), str(out)]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    result = run_torchrun(ROOT, tiny_bart_dir, data_files[0], out, script=helper)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     differences = json.loads(out.read_text())
     rank0_tokens, rank1_tokens = differences["dapo_tokens"]
