@@ -1309,8 +1309,12 @@ def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
     for arg in argv:
         name, has_value, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or name not in hints:
+            import difflib
+
+            close = difflib.get_close_matches(name.replace("-", "_"), list(hints), n=1)
             known = ", ".join(f.name for f in dataclasses.fields(Config))
-            raise ConfigError(f"unknown option {arg!r}; options are --name=value with name one of: {known}")
+            raise ConfigError(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else "")
+                              + f"; options are --name=value with name one of: {known} (--help explains them)")
         if not has_value and hints[name] is not bool:
             raise ConfigError(f"--{name} needs a value: --{name}=...")
         values[name] = parse_value(name, text, hints[name]) if has_value else True

@@ -213,3 +213,11 @@ def test_help_lists_every_flag_grouped_with_its_default_and_comment_and_exits_0(
     for name, default, _ in fields:  # the default shown is the dataclass's own
         assert grpo.parse_value(name, default.strip('"'), grpo.typing.get_type_hints(grpo.Config)[name]) \
             == getattr(defaults, name), name
+
+
+@pytest.mark.parametrize("arg, suggestion", [("--lerning_rate=1e-4", "--learning_rate"),
+                                             ("--learning-rate=1e-4", "--learning_rate"), ("--grop_size=4", "--group_size")])
+def test_a_misspelt_flag_names_the_closest_one(arg, suggestion):
+    with pytest.raises(grpo.ConfigError, match="unknown option") as info:
+        grpo.parse_args([arg])
+    assert f"did you mean {suggestion}?" in str(info.value)
