@@ -784,7 +784,8 @@ def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: to
 
 
 def generation_settings(model, tokenizer, config: Config, sample: bool):
-    """A GenerationConfig for rollouts (G samples, plain temperature/top-p) or greedy evaluation.
+    """A GenerationConfig for greedy evaluation, or for sampling G summaries with plain temperature/top-p (what
+    the benchmark's 'before' path and the tests run through generate(); rollouts use sample_completions).
 
     Built from scratch (and used through generate(), which sets the checkpoint's own generation_config aside)
     so that a checkpoint's defaults (beams, no_repeat_ngram_size, min_length, forced EOS, top_k) cannot change
@@ -853,7 +854,8 @@ def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
 
 def fused_adamw(device: torch.device) -> bool:
     """Whether AdamW can run fused (one kernel over all parameters, same math): on CUDA and, since torch 2.4, CPU."""
-    return device.type in ("cuda", "cpu")
+    torch_version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    return device.type == "cuda" or (device.type == "cpu" and torch_version >= (2, 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -866,8 +868,9 @@ def compute_rewards(predictions: list[str], references: list[str], articles: lis
       inputs   predictions[i] is a summary sampled for articles[i], whose reference summary is references[i];
                the G samples of an article are consecutive and share its article and reference.
                config is the run's Config (for weights or other settings you add to it).
-      output   one finite float per prediction, larger is better. Only differences within a group of G
-               matter (advantages are normalized within each group), so a constant offset changes nothing.
+      output   one finite float per prediction, larger is better. Advantages compare the G samples of an
+               article, so a constant offset changes nothing (with --scale_rewards=batch the spread between
+               articles sets the scale; with group or none only differences within a group matter).
       called   once per rollout, on every process for its own articles, never inside the mu updates.
     Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
     """
@@ -1376,6 +1379,11 @@ def validate_config(config: Config) -> None:
         (config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1"),
         (config.demo_seeds >= 1, "--demo_seeds must be >= 1"),
         (config.demo_seeds == 1 or config.demo, "--demo_seeds applies to the demo only: add --demo, or leave it out"),
+        (config.demo_seeds == 1 or not config.benchmark, "--demo_seeds cannot be combined with --benchmark"),
+        (not config.demo or (config.sft_steps >= 1 and config.max_steps >= 1 and config.num_examples >= 1),
+         "--demo needs --sft_steps, --max_steps and --num_examples >= 1: it compares SFT, more SFT and GRPO"),
+        (not config.demo or int(os.environ.get("WORLD_SIZE", "1")) == 1,
+         "--demo runs in one process: start it with python, not torchrun"),
         (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
         (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
@@ -1604,8 +1612,9 @@ def tokenize_articles(tokenizer, articles: list[str], config: Config, device) ->
     texts = [config.source_prefix + article for article in articles]
     rows, limit = tokenizer(texts)["input_ids"], config.max_source_length  # tokenized once, not truncated
     special = set(tokenizer.all_special_ids)
-    probe = tokenizer("a")["input_ids"]
-    suffix = len(probe) - next(i for i in range(len(probe), 0, -1) if probe[i - 1] not in special)  # e.g. </s>: 1
+    probe, suffix = tokenizer("a")["input_ids"], 0  # suffix: special tokens the tokenizer appends (</s>: 1)
+    while suffix < len(probe) and probe[-1 - suffix] in special and probe[-1 - suffix] != tokenizer.unk_token_id:
+        suffix += 1
     cut = [ids if len(ids) <= limit else ids[:limit - suffix] + ids[len(ids) - suffix:] for ids in rows]
     encoded = tokenizer.pad({"input_ids": cut}, padding=True, return_tensors="pt")  # = truncation=True's result
     return encoded.to(device), sum(len(ids) > limit for ids in rows)
@@ -2750,11 +2759,15 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
     means and spreads over seeds, also written to output_dir/comparison_seeds.json."""
     results = []
     for seed in range(config.seed, config.seed + config.demo_seeds):
-        one = dataclasses.replace(config, seed=seed, demo_seeds=1, output_dir=os.path.join(config.output_dir, f"seed_{seed}"))
-        code = train(one, given)
-        if code != 0:
-            return code
-        with open(os.path.join(one.output_dir, "comparison.json"), encoding="utf-8") as file:
+        output_dir = os.path.join(config.output_dir, f"seed_{seed}")
+        finished = os.path.exists(os.path.join(output_dir, "comparison.json"))
+        if not (config.resume and finished):  # --resume: finished seeds are read back, a stopped one continues
+            one = dataclasses.replace(config, seed=seed, demo_seeds=1, output_dir=output_dir,
+                                      resume=config.resume and bool(checkpoint_files(output_dir)))
+            code = train(one, given)
+            if code != 0:
+                return code
+        with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
             results.append(json.load(file))
     rows = {name: {key: [r[name][key] for r in results] for key in COMPARISON_KEYS} for name in ("start", "control", "grpo")}
     summary = {name: {key: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
@@ -2890,6 +2903,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
 
     device = dist.device
     run = build_run(config, dist, log)  # what train() builds: data, policy, pi_ref, fused AdamW and its schedule
+    run.trackers.close()  # the benchmark logs to benchmark.json only
     train_rows, policy, tokenizer = run.train_rows, run.policy, run.tokenizer
     policy_forward, reference_forward, optimizer, scheduler = (run.policy_forward, run.reference_forward,
                                                                run.optimizer, run.scheduler)

@@ -94,6 +94,16 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         assert len(values) == 2 and summary[row]["rougeL"]["mean"] == pytest.approx(np.mean(values))
     assert "rougeL grpo - control" in result.stdout and "+-" in result.stdout
     assert result.stdout.count("entity_recall") == 3  # the table of each seed and the table over seeds
+    assert [f"seed {seed}: rougeL grpo - control" in result.stdout for seed in (4, 5)] == [True, True]
+    assert len(summary["grpo_minus_control"]) == 2 and "rougeL_change_ci_low" in summary["grpo_minus_control"][0]
+
+    # --resume=True (what a stopped run prints): finished seeds are read back, not trained again
+    (tmp_path / "seed_5" / "comparison.json").unlink()  # as if stopped after seed 5's GRPO steps, before its report
+    resumed = run_script(*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--resume=True",
+                         timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
+    assert json.loads((tmp_path / "comparison_seeds.json").read_text())["grpo"] == summary["grpo"]
 
 
 @pytest.mark.parametrize("argv", [["--demo", "--demo_seeds=0"], ["--demo_seeds=3"]])
@@ -101,3 +111,22 @@ def test_bad_demo_seeds_is_one_error_line(grpo, capsys, argv):
     assert grpo.main(argv) == 2  # a count below 1, or seeds without --demo (never silently ignored)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--demo_seeds" in lines[0]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--demo", "--sft_steps=0"], "--sft_steps"),  # no start to compare from
+    (["--demo", "--max_steps=0"], "--max_steps"),
+    (["--demo", "--num_examples=0"], "--num_examples"),
+    (["--demo", "--benchmark", "--demo_seeds=2"], "--demo_seeds"),
+])
+def test_demo_flags_that_cannot_make_the_comparison_are_one_error_line(grpo, capsys, argv, flag):
+    assert grpo.main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], lines
+
+
+def test_demo_under_torchrun_is_one_error_line(grpo, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert grpo.main(["--demo"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "torchrun" in lines[0], lines
