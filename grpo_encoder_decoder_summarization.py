@@ -795,7 +795,7 @@ def generation_settings(model, tokenizer, config: Config, sample: bool):
 
     forced_bos = forced_bos_token_id(model)
     settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=model.config.decoder_start_token_id,
+                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=decoder_start_token_id(model),
                     forced_bos_token_id=forced_bos)
     if sample:
         settings.update(do_sample=True, num_return_sequences=config.group_size, temperature=config.temperature,
@@ -1013,11 +1013,11 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     """
     config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
     run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state if resumed
-    if run.state.step == 0:
-        evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
     stop, progress = StopRequest(log), tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main,
                                                 initial=run.state.step)
     try:
+        if run.state.step == 0:
+            evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
         for step in range(run.state.step + 1, config.max_steps + 1):
             # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
             indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
@@ -1144,20 +1144,26 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
 # --------------------------------------------------------------------------------------------------
 # The run's bookkeeping: process start, logging a step, evaluations, checkpoints, the end
 # --------------------------------------------------------------------------------------------------
-def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed", typing.Callable[[str], None]]:
-    """Join torchrun's process group (if any), check and prepare output_dir, choose CPU threads, write the demo's
-    data and model (--demo/--benchmark). Returns the config (pointed at the demo's files), processes and log."""
+def join_processes(config: Config) -> tuple["Distributed", typing.Callable[[str], None]]:
+    """Quiet transformers' own logging, join torchrun's process group (if any), and a log that writes on rank 0."""
     import transformers
+    from tqdm import tqdm
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     dist = setup_distributed(config)
-    from tqdm import tqdm
 
     def log(message: str) -> None:
         if dist.is_main:
             tqdm.write(message, file=sys.stderr)
 
+    return dist, log
+
+
+def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed", typing.Callable[[str], None]]:
+    """Join torchrun's process group (if any), check and prepare output_dir, choose CPU threads, write the demo's
+    data and model (--demo/--benchmark). Returns the config (pointed at the demo's files), processes and log."""
+    dist, log = join_processes(config)
     check_output_dir(config)
     if dist.is_main:
         prepare_output_dir(config, log)
@@ -1689,10 +1695,6 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     Appends one line to eval.jsonl and writes every article (index, reference, prediction, scores) to
     eval_predictions.jsonl, which it never overwrites.
     """
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
         raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
                           "model's generation_config sets it (max_length): drop --max_new_tokens")
@@ -1700,13 +1702,7 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     if os.path.exists(predictions_path) and not config.overwrite_output_dir:
         raise ConfigError(f"{predictions_path} exists from an earlier evaluation or run; pass another --output_dir, "
                           "or --overwrite_output_dir=True to replace that file")
-    dist = setup_distributed(config)
-    from tqdm import tqdm
-
-    def log(message: str) -> None:
-        if dist.is_main:
-            tqdm.write(message, file=sys.stderr)
-
+    dist, log = join_processes(config)
     if dist.is_main:
         try:
             os.makedirs(config.output_dir, exist_ok=True)
@@ -1745,9 +1741,6 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluation internals: bootstrap confidence intervals, summary quality measures, eval-only mode
-# --------------------------------------------------------------------------------------------------
 def summary_entities(text: str) -> set[str]:
     """Numbers and capitalised words that do not start a sentence (names, places), lowercased.
 
@@ -1979,7 +1972,8 @@ def changed_on_resume(saved: dict, config: Config) -> tuple[list[str], list[str]
     """(trajectory changes, bookkeeping changes) between a saved config and the new one, each as 'name: old -> new'.
 
     Every field is trajectory-altering except RESUME_BOOKKEEPING_FIELDS (max_steps among them: it has its own rule,
-    see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later is checked by default. A field missing from an older saved config counts as its default.
+    see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later is checked by default. A field
+    missing from an older saved config counts as its default.
     """
     def comparable(value):  # as JSON holds it (a tuple and a list of the same items are the same flag value)
         return json.loads(json.dumps(value))
