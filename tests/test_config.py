@@ -143,6 +143,10 @@ def test_validate_config_passes_for_defaults_and_demo():
     (dict(best_metric="bleu"), "--best_metric"),
     (dict(device="gpu"), "--device"),
     (dict(rouge1_weight=0.0, rouge2_weight=0.0, rougeL_weight=0.0, rougeLsum_weight=0.0), "rouge*_weight"),
+    (dict(sft_lr_scheduler="cosin"), "--sft_lr_scheduler=cosin"),
+    (dict(sft_eval_every=-1), "--sft_eval_every"),
+    (dict(sft_eval_every=100, sft_steps=0), "--sft_eval_every"),  # no SFT to evaluate: never silently ignored
+    (dict(sft_eval_every=100, sft_steps=500, eval_samples=0), "--sft_eval_every"),  # no held-out articles
 ])
 def test_validate_config_rejects(changes, flag):
     with pytest.raises(grpo.ConfigError) as info:
@@ -153,6 +157,7 @@ def test_validate_config_rejects(changes, flag):
 @pytest.mark.parametrize("changes", [
     dict(top_p=1.0), dict(top_p=0.9), dict(beta=0.0), dict(group_size=4, micro_batch_size=4),
     dict(group_size=8, micro_batch_size=64), dict(epsilon_high=0.28), dict(loss_type="gspo"), dict(device="cuda:1"),
+    dict(sft_lr_scheduler="cosine"), dict(sft_steps=500, sft_eval_every=100),
 ])
 def test_validate_config_accepts(changes):
     grpo.validate_config(dataclasses.replace(grpo.Config(), **changes))

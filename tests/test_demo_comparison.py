@@ -76,17 +76,35 @@ SHORT = ["--demo", "--sft_steps=6", "--sft_batch_size=4", "--max_steps=2", "--ba
 
 
 def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_path):
-    result = run_script(*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", timeout=300)
+    flags = (*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--sft_eval_every=4", "--max_steps=4")
+    result = run_script(*flags, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ("start", "control", "grpo")
     for seed in (4, 5):
         comparison = json.loads((tmp_path / f"seed_{seed}" / "comparison.json").read_text())
-        assert comparison["steps"] == 2 and comparison["seed"] == seed
+        assert comparison["steps"] == 4 and comparison["seed"] == seed
         for row in rows:
             assert set(grpo.COMPARISON_KEYS) <= set(comparison[row]), row
         evaluations = read_jsonl(tmp_path / f"seed_{seed}" / "eval.jsonl")  # start and grpo are the run's evaluations
         assert comparison["start"]["rougeL"] == evaluations[0]["rougeL"]
         assert comparison["grpo"]["rougeL"] == evaluations[-1]["rougeL"]
+        # the curves: SFT evaluated at step 4 of 6, then the start; control and GRPO every 2 of their 4 steps
+        sft_evaluations = read_jsonl(tmp_path / f"seed_{seed}" / "sft_eval.jsonl")
+        assert [r["sft_step"] for r in sft_evaluations] == [4]
+        curves = comparison["curves"]
+        assert [p["step"] for p in curves["sft"]] == [4, 6] and curves["sft"][0]["rougeL"] == sft_evaluations[0]["rougeL"]
+        assert curves["sft"][-1]["rougeL"] == comparison["start"]["rougeL"] == curves["control"][0]["rougeL"]
+        assert [p["step"] for p in curves["control"]] == [p["step"] for p in curves["grpo"]] == [0, 2, 4]
+        assert curves["control"][-1]["rougeL"] == comparison["control"]["rougeL"]
+        assert [p["rougeL"] for p in curves["grpo"]] == [e["rougeL"] for e in evaluations]
+        best_sft = max(p["rougeL"] for p in curves["sft"] + curves["control"])
+        assert comparison["best_sft_rougeL"] == best_sft >= comparison["control"]["rougeL"]
+        assert comparison["grpo_minus_best_sft_rougeL"] == pytest.approx(comparison["grpo"]["rougeL"] - best_sft)
+        for name, before, after in [("grpo_minus_control", "control", "grpo"), ("grpo_minus_start", "start", "grpo"),
+                                    ("control_minus_start", "start", "control")]:  # paired: mean of the differences
+            change = comparison[name]
+            assert change["rougeL_change"] == pytest.approx(comparison[after]["rougeL"] - comparison[before]["rougeL"])
+            assert change["rougeL_change_ci_low"] <= change["rougeL_change"] <= change["rougeL_change_ci_high"]
     summary = json.loads((tmp_path / "comparison_seeds.json").read_text())
     assert summary["seeds"] == [4, 5]
     for row in rows:
@@ -94,13 +112,14 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         assert len(values) == 2 and summary[row]["rougeL"]["mean"] == pytest.approx(np.mean(values))
     assert "rougeL grpo - control" in result.stdout and "+-" in result.stdout
     assert result.stdout.count("entity_recall") == 3  # the table of each seed and the table over seeds
-    assert [f"seed {seed}: rougeL grpo - control" in result.stdout for seed in (4, 5)] == [True, True]
+    assert [f"seed {seed}: rougeL, paired 95% CI: grpo - control" in result.stdout for seed in (4, 5)] == [True, True]
+    assert len(summary["control_minus_start"]) == 2 and "rougeL_change_ci_high" in summary["control_minus_start"][1]
+    assert len(summary["grpo_minus_best_sft_rougeL"]) == 2 and "rougeL grpo - best SFT" in result.stdout
     assert len(summary["grpo_minus_control"]) == 2 and "rougeL_change_ci_low" in summary["grpo_minus_control"][0]
 
     # --resume=True (what a stopped run prints): finished seeds are read back, not trained again
     (tmp_path / "seed_5" / "comparison.json").unlink()  # as if stopped after seed 5's GRPO steps, before its report
-    resumed = run_script(*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--resume=True",
-                         timeout=300)
+    resumed = run_script(*flags, "--resume=True", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
     assert json.loads((tmp_path / "comparison_seeds.json").read_text())["grpo"] == summary["grpo"]
