@@ -97,6 +97,7 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         assert [p["step"] for p in curves["control"]] == [p["step"] for p in curves["grpo"]] == [0, 2, 4]
         assert curves["control"][-1]["rougeL"] == comparison["control"]["rougeL"]
         assert [p["rougeL"] for p in curves["grpo"]] == [e["rougeL"] for e in evaluations]
+        assert (tmp_path / f"seed_{seed}" / "comparison.png").stat().st_size > 0
         best_sft = max(p["rougeL"] for p in curves["sft"] + curves["control"])
         assert comparison["best_sft_rougeL"] == best_sft >= comparison["control"]["rougeL"]
         assert comparison["grpo_minus_best_sft_rougeL"] == pytest.approx(comparison["grpo"]["rougeL"] - best_sft)
@@ -149,3 +150,45 @@ def test_demo_under_torchrun_is_one_error_line(grpo, capsys, monkeypatch):
     assert grpo.main(["--demo"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "torchrun" in lines[0], lines
+
+
+# --------------------------------------------------------------------------------------------------
+# SFT: its schedule, and the held-out curve that shows whether more SFT still helps
+# --------------------------------------------------------------------------------------------------
+def test_sft_curve_scores_every_n_steps_and_changes_nothing_in_the_training(grpo, tiny_bart_dir, data_files,
+                                                                             monkeypatch):
+    import torch
+    import transformers
+
+    train_file, validation_file = data_files
+    config = grpo.Config(model_name=str(tiny_bart_dir), train_file=str(train_file), validation_file=str(validation_file),
+                         max_new_tokens=8, max_source_length=64, eval_samples=4, eval_batch_size=4, sft_steps=5,
+                         sft_batch_size=4, sft_learning_rate=1e-2, sft_lr_scheduler="constant_with_warmup",
+                         warmup_steps=1, device="cpu")
+    device, dist = torch.device("cpu"), grpo.Distributed()
+    schedules = []
+    real_get_scheduler = transformers.get_scheduler
+    monkeypatch.setattr(transformers, "get_scheduler",
+                        lambda name, *args, **kwargs: schedules.append(name) or real_get_scheduler(name, *args, **kwargs))
+
+    def train(sft_eval_every):
+        torch.manual_seed(0)
+        run_config = grpo.dataclasses.replace(config, sft_eval_every=sft_eval_every)
+        train_rows, held_out = grpo.load_data(run_config, log=lambda message: None)
+        policy, tokenizer = grpo.load_policy_and_tokenizer(run_config, device)
+        modes = []  # train or eval mode of each SFT forward (the held-out scoring runs without gradients)
+        policy.get_encoder().register_forward_pre_hook(
+            lambda module, args: modes.append(module.training) if torch.is_grad_enabled() else None)
+        curve = grpo.sft_warmup(grpo.GroupedSeq2Seq(policy), policy, tokenizer, train_rows, run_config, device, dist,
+                                lambda message: None, held_out)
+        assert modes == [True] * run_config.sft_steps  # scoring switches to eval mode and back
+        return policy, curve
+
+    plain, no_curve = train(sft_eval_every=0)
+    scored, curve = train(sft_eval_every=2)
+    assert schedules == ["constant_with_warmup"] * 2
+    assert no_curve == [] and [r["sft_step"] for r in curve] == [2, 4]  # before the last step: the caller scores it
+    assert all(0 <= r["rougeL"] <= 1 and r["loss"] > 0 and "entity_recall" in r for r in curve)
+    assert not scored.training  # back in GRPO mode after SFT
+    for a, b in zip(plain.state_dict().values(), scored.state_dict().values()):  # scoring moved no weight
+        assert torch.equal(a, b)
