@@ -39,7 +39,7 @@ References:
   TRL's GRPOTrainer, whose names we follow (num_generations ~ group_size, beta, epsilon, num_iterations).
 
 How to run:
-  python grpo_encoder_decoder_summarization.py --demo                  # offline demo, a few minutes on a CPU
+  python grpo_encoder_decoder_summarization.py --demo                  # offline: SFT, then more SFT vs GRPO (CPU)
   python grpo_encoder_decoder_summarization.py --demo --demo_seeds=3   # the demo's table over seeds 0, 1, 2
   python grpo_encoder_decoder_summarization.py                         # bart-large-cnn on CNN/DailyMail (GPU)
   python grpo_encoder_decoder_summarization.py --eval_only=True --eval_split=test --eval_decoding=checkpoint
