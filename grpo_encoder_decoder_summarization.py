@@ -947,8 +947,8 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
-        if held_out is not None and len(held_out) and config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 \
-                and step + 1 < config.sft_steps:
+        scored_now = config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 and step + 1 < config.sft_steps
+        if scored_now and held_out is not None and len(held_out):
             policy.eval()
             metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
             policy.train()
@@ -1831,8 +1831,8 @@ RESUME_IGNORED_FIELDS = frozenset({"resume", "overwrite_output_dir"})  # differ 
 def earlier_run_files(output_dir: str) -> list[str]:
     """The files and folders of an earlier run (or benchmark) in output_dir."""
     names = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl",
-             "sft_eval.jsonl", "checkpoints", "best", "final", "reference", "curves.png", "tensorboard", RUN_CONFIG_FILE,
-             "benchmark.json")
+             "sft_eval.jsonl", "checkpoints", "best", "final", "reference", "curves.png", "tensorboard",
+             RUN_CONFIG_FILE, "benchmark.json")
     return [name for name in names if os.path.exists(os.path.join(output_dir, name))]
 
 
@@ -2705,10 +2705,11 @@ def prepare_demo(config: Config, dist: "Distributed", log, given: set[str] = fro
 
 COMPARISON_KEYS = (*ROUGE_KEYS, "gen_length", "ref_length", "distinct_fraction", "entity_recall", "invented_entities",
                    "repeated_trigrams", "punctuation_fraction", "trailing_punctuation", "top_summary_share")
-CURVE_KEYS = ("rougeL", "entity_recall", "distinct_fraction")  # measures kept per evaluation in comparison.json's curves
+CURVE_KEYS = ("rougeL", "entity_recall", "distinct_fraction")  # per evaluation in comparison.json's curves
 
 
-def demo_control(config: Config, train_rows, held_out, device, dist: "Distributed", log) -> tuple[dict, list[dict], list[dict]]:
+def demo_control(config: Config, train_rows, held_out, device, dist: "Distributed",
+                 log) -> tuple[dict, list[dict], list[dict]]:
     """The control row of the demo: the model GRPO started from (output_dir/reference), trained max_steps more
     SFT steps instead of GRPO (sft_warmup as configured, with a fresh optimizer and schedule; the data order
     starts again, so these are more epochs over the same training set), then evaluated like the GRPO model.
@@ -2864,8 +2865,9 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
           f"{', '.join(f'{g:+.4f}' for g in best_sft_gaps)}; best SFT checkpoint chosen on the held-out articles)")
     for r in results:
         print(f"seed {r['seed']}: rougeL, paired {CONFIDENCE_LEVEL:.0%} CI: " + "; ".join(
-            f"{name.replace('_minus_', ' - ')} {r[name]['rougeL_change']:+.4f} [{r[name]['rougeL_change_ci_low']:+.4f}, "
-            f"{r[name]['rougeL_change_ci_high']:+.4f}]" for name in ("grpo_minus_control", "control_minus_start")))
+            f"{name.replace('_minus_', ' - ')} {r[name]['rougeL_change']:+.4f} "
+            f"[{r[name]['rougeL_change_ci_low']:+.4f}, {r[name]['rougeL_change_ci_high']:+.4f}]"
+            for name in ("grpo_minus_control", "control_minus_start")))
     return 0
 
 
