@@ -170,6 +170,7 @@ DEMO_CONFIG = dict(
 # --benchmark: the demo's setup, timed
 BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0, sft_eval_every=0)
 DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
+SFT_ONLY_FIELDS = frozenset({"sft_learning_rate", "sft_lr_scheduler", "sft_batch_size", "sft_eval_every"})
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "gspo_token")
 SCALE_REWARDS = ("group", "batch", "none")  # --scale_rewards choices, as in TRL
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --report_to name -> package it needs
@@ -918,11 +919,12 @@ def sft_labels(tokenizer, summaries: list[str], max_length: int) -> torch.Tensor
 
 
 def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log,
-               held_out=None) -> list[dict]:
+               held_out=None, curve_file: str | None = None) -> list[dict]:
     """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward.
 
     With sft_eval_every > 0 and held_out rows, the held-out ROUGE every sft_eval_every steps before the last (the
-    caller evaluates the end), so one can see whether SFT had stopped improving. Returns those evaluations.
+    caller evaluates the end), so one can see whether SFT had stopped improving. Returns those evaluations, and
+    appends each to curve_file (if given) as soon as it is made.
     """
     from transformers import get_scheduler
 
@@ -953,6 +955,8 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
             metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
             policy.train()
             curve.append({"sft_step": step + 1, "loss": loss.item(), **metrics})
+            if curve_file:
+                append_jsonl(curve_file, curve[-1])
             log(f"sft step {step + 1}: " + format_scores(metrics))
     set_grpo_mode(policy, config)
     log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
@@ -1117,12 +1121,10 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     if dist.is_main:  # once data and model have loaded (a bad data file leaves no "earlier run" behind)
         write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     if not checkpoints and config.sft_steps > 0:
-        curve = sft_warmup(policy_forward or forward_of(policy), policy, tokenizer, train_rows, config, device, dist,
-                           log, held_out)
+        sft_warmup(policy_forward or forward_of(policy), policy, tokenizer, train_rows, config, device, dist, log,
+                   held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None)
         if dist.is_main:  # pi_ref for a resumed run (with LoRA: the base the adapter of final/adapter applies to)
             save_pretrained_atomic(policy, tokenizer, reference_dir)
-            for record in curve:
-                append_jsonl(os.path.join(config.output_dir, "sft_eval.jsonl"), record)
     if config.lora_r > 0:  # adapters after SFT: switched off, they give the post-SFT model, pi_ref (no copy)
         policy = add_lora(policy, config)
         set_grpo_mode(policy, config)
@@ -1197,6 +1199,9 @@ def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed
             torch.set_num_threads(threads)
         log(f"cpu: {torch.get_num_threads()} threads per process (set OMP_NUM_THREADS to choose; runs are bit-exact "
             "only with the same thread count)")
+    unused = sorted(f"--{name}" for name in given & SFT_ONLY_FIELDS) if config.sft_steps == 0 else []
+    if unused:
+        log(f"note: {', '.join(unused)}: no effect, since --sft_steps=0 leaves the SFT warm-up out")
     if config.demo or config.benchmark:
         config = prepare_demo(config, dist, log, given)
     return config, dist, log
@@ -1357,8 +1362,10 @@ def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
     return config, set(values)
 
 
-def validate_config(config: Config) -> None:
-    """Reject values the math or the loop cannot use, with one line naming the flag."""
+def validate_config(config: Config, given: set[str] = frozenset()) -> None:
+    """Reject values the math or the loop cannot use, or a given flag that would do nothing, with one line naming
+    the flag."""
+    schedules = scheduler_names()
     checks = [
         (config.group_size >= 2, "--group_size must be >= 2: advantages compare the G samples of an article"),
         (config.batch_size >= 1, "--batch_size must be >= 1"),
@@ -1416,17 +1423,19 @@ def validate_config(config: Config) -> None:
          "--demo runs in one process: start it with python, not torchrun"),
         (config.sft_eval_every == 0 or (config.sft_steps >= 1 and config.eval_samples >= 1),
          "--sft_eval_every scores held-out articles during SFT: it needs --sft_steps >= 1 and --eval_samples >= 1"),
+        ("sft_eval_every" not in given or config.sft_eval_every < config.sft_steps,
+         f"--sft_eval_every={config.sft_eval_every} scores nothing before the last of --sft_steps={config.sft_steps} "
+         "SFT steps (the last is scored as GRPO step 0): use a smaller value"),
         (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
         (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
          "the rouge*_weight flags must be >= 0 and not all 0"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "--device must be auto, cpu, cuda or cuda:N"),
-        (config.lr_scheduler in scheduler_names(),
-         f"--lr_scheduler={config.lr_scheduler} is not a schedule this script can use; one of: "
-         f"{', '.join(scheduler_names())}"),
-        (config.sft_lr_scheduler in scheduler_names(),
+        (config.lr_scheduler in schedules,
+         f"--lr_scheduler={config.lr_scheduler} is not a schedule this script can use; one of: {', '.join(schedules)}"),
+        (config.sft_lr_scheduler in schedules,
          f"--sft_lr_scheduler={config.sft_lr_scheduler} is not a schedule this script can use; one of: "
-         f"{', '.join(scheduler_names())}"),
+         f"{', '.join(schedules)}"),
         (config.text_column != config.summary_column,
          f"--text_column and --summary_column are both {config.text_column!r}; the article and its reference "
          "summary must be two different columns"),
@@ -1787,17 +1796,22 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
     non-space characters), each averaged over the summaries:
 
       entity_recall        share of the reference's entities (summary_entities) found among the summary's words
-      invented_entities    share of the summary's entities (numbers; names only where the summary is cased)
-                           whose word is not in the article: facts made up
+      invented_entities    share of the summary's entities whose word is not in the article: facts made up. Its
+                           entities are its numbers and names: its own capitalised words inside a sentence, and
+                           the words that the articles and references scored with it write capitalised inside a
+                           sentence and never in lowercase, so names are caught in lowercased summaries too
       repeated_trigrams    share of the summary's word 3-grams that already occurred earlier in it: loops
       punctuation_fraction share of the summary's tokens that are punctuation: " . . . ." padding costs no ROUGE
       trailing_punctuation punctuation tokens after the last word, minus 1 (0 for a summary ending in one ".")
       top_summary_share    share of all summaries equal to the most common one: collapse to a few strings
     """
     totals = Counter()
+    texts = (*articles, *references)  # proper names: capitalised inside a sentence, never written in lowercase
+    lowercase = {w for text in texts for w in re.findall(r"\w+", text) if w.islower()}
+    names = {w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase
     for prediction, reference, article in zip(predictions, references, articles):
         words = {w.lower() for w in re.findall(r"\w+", prediction)}
-        wanted, made = summary_entities(reference), summary_entities(prediction)
+        wanted, made = summary_entities(reference), summary_entities(prediction) | (words & names)
         article_words = {w.lower() for w in re.findall(r"\w+", article)}
         totals["entity_recall"] += len(wanted & words) / len(wanted) if wanted else 1.0
         totals["invented_entities"] += len(made - article_words) / len(made) if made else 0.0
@@ -1832,7 +1846,8 @@ def earlier_run_files(output_dir: str) -> list[str]:
     """The files and folders of an earlier run (or benchmark) in output_dir."""
     names = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl",
              "sft_eval.jsonl", "checkpoints", "best", "final", "reference", "curves.png", "tensorboard",
-             RUN_CONFIG_FILE, "benchmark.json")
+             RUN_CONFIG_FILE, "benchmark.json", "comparison.json", "comparison.png", "control_predictions.jsonl",
+             "comparison_seeds.json")
     return [name for name in names if os.path.exists(os.path.join(output_dir, name))]
 
 
@@ -2578,7 +2593,7 @@ EVENTS_TEMPLATES = [
 
 
 DEMO_PHRASING_WEIGHTS = (0.34, 0.22, 0.22, 0.22)  # first highlight line: P(vague), then P(each factual variant)
-DEMO_ARTICLE_WORDS = (30, 55)  # filler sentences are added until an article has a random length in this range
+DEMO_ARTICLE_WORDS = (30, 55)  # fillers are added below a length drawn from here (lead+facts+quote: 41-60 words)
 
 
 def demo_slots(rng: random.Random) -> dict:
@@ -2698,13 +2713,22 @@ def prepare_demo(config: Config, dist: "Distributed", log, given: set[str] = fro
         tokenizer = build_word_tokenizer([r["article"] for r in rows] + [r["highlights"] for r in rows], model_dir)
         build_demo_model(model_dir, tokenizer, config.seed)
     dist.barrier()
-    paths = dict(model_name=model_dir, train_file=os.path.join(directory, "train.jsonl"),
+    return pointed_at_demo_files(config, given)
+
+
+def pointed_at_demo_files(config: Config, given: set[str] = frozenset()) -> Config:
+    """The config with model_name, train_file and validation_file at the demo's files in output_dir/demo (except
+    where they were given)."""
+    directory = os.path.join(config.output_dir, "demo")
+    paths = dict(model_name=os.path.join(directory, "model"), train_file=os.path.join(directory, "train.jsonl"),
                  validation_file=os.path.join(directory, "validation.jsonl"))
     return dataclasses.replace(config, **{k: v for k, v in paths.items() if k not in given})
 
 
 COMPARISON_KEYS = (*ROUGE_KEYS, "gen_length", "ref_length", "distinct_fraction", "entity_recall", "invented_entities",
                    "repeated_trigrams", "punctuation_fraction", "trailing_punctuation", "top_summary_share")
+DEMO_REPORT_KEYS = ("curves", "grpo_minus_control", "grpo_minus_start", "control_minus_start", "best_sft_rougeL",
+                    "grpo_minus_best_sft_rougeL")  # what report_demo writes beside the rows and steps
 CURVE_KEYS = ("rougeL", "entity_recall", "distinct_fraction")  # per evaluation in comparison.json's curves
 
 
@@ -2720,7 +2744,7 @@ def demo_control(config: Config, train_rows, held_out, device, dist: "Distribute
     start_dir = os.path.join(config.output_dir, "reference")
     policy = AutoModelForSeq2SeqLM.from_pretrained(start_dir, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(start_dir)
-    torch.manual_seed(config.seed)  # dropout during the extra SFT steps
+    torch.manual_seed(config.seed)  # any randomness of the extra SFT steps (dropout, if the model has any)
     control = dataclasses.replace(config, sft_steps=config.max_steps, sft_eval_every=config.eval_every)
     curve = sft_warmup(GroupedSeq2Seq(policy), policy, tokenizer, train_rows, control, device, dist, log, held_out)
     metrics, _, per_article = evaluate(policy, tokenizer, held_out, config, device, dist)
@@ -2734,10 +2758,7 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
     control, GRPO minus the start, and the control minus the start (does more SFT still help?). Print the table,
     the curves and three held-out examples."""
     def read(name):
-        path = os.path.join(config.output_dir, name)
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding="utf-8") as file:
+        with open(os.path.join(config.output_dir, name), encoding="utf-8") as file:
             return [json.loads(line) for line in file]
 
     evals, examples = read("eval.jsonl"), read("eval_examples.jsonl")
@@ -2750,7 +2771,8 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
     def point(step, metrics):
         return {"step": step, **{key: metrics[key] for key in CURVE_KEYS}}
 
-    curves = {"sft": [point(r["sft_step"], r) for r in read("sft_eval.jsonl")] + [point(config.sft_steps, before)],
+    sft_evaluations = read("sft_eval.jsonl") if os.path.exists(os.path.join(config.output_dir, "sft_eval.jsonl")) else []
+    curves = {"sft": [point(r["sft_step"], r) for r in sft_evaluations] + [point(config.sft_steps, before)],
               "control": [point(0, before)] + [point(r["sft_step"], r) for r in control_curve]
               + [point(after["step"], control)],
               "grpo": [point(e["step"], e) for e in evals]}
@@ -2763,6 +2785,8 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
                       control_minus_start=paired_change(start_per_article, control_per_article, config.seed))
     with open(os.path.join(config.output_dir, "comparison.json"), "w", encoding="utf-8") as file:
         json.dump(comparison, file, indent=1)
+    with open(os.path.join(config.output_dir, "control_predictions.jsonl"), "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in control_per_article)  # to audit the control row
     plot_comparison(config.output_dir, curves, config.sft_steps)
     print(f"\nheld-out greedy decoding on {config.eval_samples} synthetic articles, seed {config.seed}: start = "
           f"{config.sft_steps} SFT steps; control = start + {after['step']} SFT steps; grpo = start + "
@@ -2832,6 +2856,21 @@ def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
     print(f"{'rougeL grpo - control':<22}{np.mean(gaps):>+18.4f} (per seed: {', '.join(f'{g:+.4f}' for g in gaps)})")
 
 
+def check_finished_demo_seed(output_dir: str, comparison: dict, config: Config) -> None:
+    """A finished seed that --resume reads back must come from the same flags and from this script's report."""
+    with open(os.path.join(output_dir, RUN_CONFIG_FILE), encoding="utf-8") as file:
+        trajectory, _ = changed_on_resume(json.load(file), config)
+    missing = [key for key in (*DEMO_REPORT_KEYS, "start", "control", "grpo") if key not in comparison]
+    if trajectory:
+        problem = f"it was run with other flags ({'; '.join(trajectory)})"
+    elif missing:
+        problem = f"its comparison.json lacks {', '.join(missing)} (an older version of this script wrote it)"
+    else:
+        return
+    raise ConfigError(f"--resume=True reads {output_dir} back as finished, but {problem}; run the seeds again with "
+                      "--overwrite_output_dir=True instead of --resume=True")
+
+
 def run_demo_seeds(config: Config, given: set[str]) -> int:
     """--demo --demo_seeds=n: the demo for seeds seed..seed+n-1, each in output_dir/seed_N; then the table of
     means and spreads over seeds, also written to output_dir/comparison_seeds.json."""
@@ -2839,14 +2878,16 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
     for seed in range(config.seed, config.seed + config.demo_seeds):
         output_dir = os.path.join(config.output_dir, f"seed_{seed}")
         finished = os.path.exists(os.path.join(output_dir, "comparison.json"))
+        one = dataclasses.replace(config, seed=seed, demo_seeds=1, output_dir=output_dir,
+                                  resume=config.resume and bool(checkpoint_files(output_dir)))
         if not (config.resume and finished):  # --resume: finished seeds are read back, a stopped one continues
-            one = dataclasses.replace(config, seed=seed, demo_seeds=1, output_dir=output_dir,
-                                      resume=config.resume and bool(checkpoint_files(output_dir)))
             code = train(one, given)
             if code != 0:
                 return code
         with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
             results.append(json.load(file))
+        if config.resume and finished:
+            check_finished_demo_seed(output_dir, results[-1], pointed_at_demo_files(one, given))
     rows = {name: {key: [r[name][key] for r in results] for key in COMPARISON_KEYS} for name in ("start", "control", "grpo")}
     best_sft_gaps = [r["grpo_minus_best_sft_rougeL"] for r in results]
     summary = {name: {key: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
@@ -3045,7 +3086,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, given = parse_args(argv)
-        validate_config(config)
+        validate_config(config, given)
         if config.eval_only:
             return evaluate_only(config, given)
         if config.demo and config.demo_seeds > 1:

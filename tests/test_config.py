@@ -166,6 +166,15 @@ def test_validate_config_accepts(changes):
 # --------------------------------------------------------------------------------------------------
 # main: a bad flag is one line on stderr and exit code 2, before any training starts
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--sft_steps=300", "--sft_eval_every=300"], ["--sft_steps=300", "--sft_eval_every=500"]])
+def test_sft_eval_every_that_would_score_nothing_is_one_error_line(capsys, argv):
+    assert grpo.main(argv) == 2  # given explicitly; the demo's own 200 may exceed a shortened --sft_steps
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "--sft_eval_every" in lines[0] and "smaller" in lines[0], lines
+    config, given = grpo.parse_args(["--demo", "--sft_steps=15"])
+    grpo.validate_config(config, given)
+
+
 def test_main_unknown_flag_returns_2_with_one_error_line(capsys):
     assert grpo.main(["--bogus=1"]) == 2
     captured = capsys.readouterr()

@@ -46,6 +46,16 @@ def test_summary_quality_flags_invented_numbers_and_names_and_collapse(grpo):
     assert quality["entity_recall"] == 0.0 and quality["trailing_punctuation"] == 0.0
 
 
+def test_invented_names_are_caught_in_lowercased_summaries(grpo):
+    articles = ["Mayor Dax Dale won 4 votes.", "Mayor Cora Hale lost.", "He met The Survey team in the hall."]
+    references = ["Mayor Dax Dale won.", "Mayor Cora Hale lost.", "They met The Survey team."]
+    predictions = ["dax hale won the 4 votes.", "cora hale lost.", "the survey met."]
+    # names: capitalised inside a sentence of an article or reference, never in lowercase there: dax, dale, cora,
+    # hale, survey ("the" is written in lowercase too); summary 1 names hale, whom its article does not mention
+    quality = grpo.summary_quality(predictions, references, articles)
+    assert quality["invented_entities"] == pytest.approx((1 / 3 + 0 + 0) / 3)  # {dax, hale, 4}: hale invented
+
+
 def test_summary_quality_of_nothing_is_zero_not_an_error(grpo):
     assert grpo.summary_quality([""], ["Ref 12."], ["12"])["punctuation_fraction"] == 0.0
     assert grpo.summary_quality([], [], [])["top_summary_share"] == 0.0
@@ -101,6 +111,8 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         best_sft = max(p["rougeL"] for p in curves["sft"] + curves["control"])
         assert comparison["best_sft_rougeL"] == best_sft >= comparison["control"]["rougeL"]
         assert comparison["grpo_minus_best_sft_rougeL"] == pytest.approx(comparison["grpo"]["rougeL"] - best_sft)
+        control_predictions = read_jsonl(tmp_path / f"seed_{seed}" / "control_predictions.jsonl")  # to audit it
+        assert np.mean([r["rougeL"] for r in control_predictions]) == pytest.approx(comparison["control"]["rougeL"])
         for name, before, after in [("grpo_minus_control", "control", "grpo"), ("grpo_minus_start", "start", "grpo"),
                                     ("control_minus_start", "start", "control")]:  # paired: mean of the differences
             change = comparison[name]
@@ -124,6 +136,17 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
     assert json.loads((tmp_path / "comparison_seeds.json").read_text())["grpo"] == summary["grpo"]
+
+    # a finished seed is read back only if it ran with the same flags and this script wrote its report
+    changed = run_script(*flags, "--resume=True", "--temperature=0.9", timeout=300)
+    lines = changed.stderr.strip().splitlines()
+    assert changed.returncode == 2 and "seed_4" in lines[-1] and "--temperature: 0.7 -> 0.9" in lines[-1], lines
+    older = json.loads((tmp_path / "seed_4" / "comparison.json").read_text())
+    del older["curves"]  # as an older version of the script wrote it
+    (tmp_path / "seed_4" / "comparison.json").write_text(json.dumps(older))
+    stale = run_script(*flags, "--resume=True", timeout=300)
+    lines = stale.stderr.strip().splitlines()
+    assert stale.returncode == 2 and "lacks curves" in lines[-1] and "--overwrite_output_dir" in lines[-1], lines
 
 
 @pytest.mark.parametrize("argv", [["--demo", "--demo_seeds=0"], ["--demo_seeds=3"]])
@@ -176,16 +199,18 @@ def test_sft_curve_scores_every_n_steps_and_changes_nothing_in_the_training(grpo
         run_config = grpo.dataclasses.replace(config, sft_eval_every=sft_eval_every)
         train_rows, held_out = grpo.load_data(run_config, log=lambda message: None)
         policy, tokenizer = grpo.load_policy_and_tokenizer(run_config, device)
-        modes = []  # train or eval mode of each SFT forward (the held-out scoring runs without gradients)
+        modes = {True: [], False: []}  # train/eval mode of each encoder call: SFT steps (with gradients), scoring
         policy.get_encoder().register_forward_pre_hook(
-            lambda module, args: modes.append(module.training) if torch.is_grad_enabled() else None)
+            lambda module, args: modes[torch.is_grad_enabled()].append(module.training))
         curve = grpo.sft_warmup(grpo.GroupedSeq2Seq(policy), policy, tokenizer, train_rows, run_config, device, dist,
                                 lambda message: None, held_out)
-        assert modes == [True] * run_config.sft_steps  # scoring switches to eval mode and back
-        return policy, curve
+        assert modes[True] == [True] * run_config.sft_steps  # SFT steps in train mode, also after scoring
+        assert len(modes[False]) == (2 if sft_eval_every else 0) and not any(modes[False])  # scoring in eval mode
+        return policy, curve, torch.get_rng_state()
 
-    plain, no_curve = train(sft_eval_every=0)
-    scored, curve = train(sft_eval_every=2)
+    plain, no_curve, plain_rng = train(sft_eval_every=0)
+    scored, curve, scored_rng = train(sft_eval_every=2)
+    assert torch.equal(plain_rng, scored_rng)  # scoring drew no random numbers (dropout masks would differ)
     assert schedules == ["constant_with_warmup"] * 2
     assert no_curve == [] and [r["sft_step"] for r in curve] == [2, 4]  # before the last step: the caller scores it
     assert all(0 <= r["rougeL"] <= 1 and r["loss"] > 0 and "entity_recall" in r for r in curve)

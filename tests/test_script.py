@@ -69,6 +69,9 @@ def test_full_run(model, extra, tiny_t5_dir, tiny_bart_dir, data_files, tmp_path
     assert (out / "curves.png").is_file() and (out / "curves.png").stat().st_size > 0
     # pi_ref after SFT is kept for a resumed run; without SFT pi_ref is the model in --model_name
     assert (out / "reference" / "config.json").is_file() == ("--sft_steps=2" in extra)
+    # RUN_ARGS passes --sft_batch_size: without SFT the run says it has no effect (never silently ignored)
+    note = "note: --sft_batch_size: no effect, since --sft_steps=0 leaves the SFT warm-up out"
+    assert (note in result.stderr) == ("--sft_steps=2" not in extra)
 
 
 # --------------------------------------------------------------------------------------------------
