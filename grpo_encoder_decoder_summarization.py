@@ -1800,6 +1800,7 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
                            entities are its numbers and names: its own capitalised words inside a sentence, and
                            the words that the articles and references scored with it write capitalised inside a
                            sentence and never in lowercase, so names are caught in lowercased summaries too
+      invented_summaries   share of the summaries with at least one such invented entity
       repeated_trigrams    share of the summary's word 3-grams that already occurred earlier in it: loops
       punctuation_fraction share of the summary's tokens that are punctuation: " . . . ." padding costs no ROUGE
       trailing_punctuation punctuation tokens after the last word, minus 1 (0 for a summary ending in one ".")
@@ -1815,6 +1816,7 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
         article_words = {w.lower() for w in re.findall(r"\w+", article)}
         totals["entity_recall"] += len(wanted & words) / len(wanted) if wanted else 1.0
         totals["invented_entities"] += len(made - article_words) / len(made) if made else 0.0
+        totals["invented_summaries"] += bool(made - article_words)
         trigrams = list(zip(*(re.findall(r"\w+", prediction.lower())[i:] for i in range(3))))
         totals["repeated_trigrams"] += (len(trigrams) - len(set(trigrams))) / len(trigrams) if trigrams else 0.0
         tokens = re.findall(r"\w+|[^\w\s]", prediction)
@@ -1823,8 +1825,9 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
         trailing = len(punctuation) - max((i + 1 for i, p in enumerate(punctuation) if not p), default=0)
         totals["trailing_punctuation"] += max(trailing - 1, 0)
     count = max(len(predictions), 1)
-    metrics = {key: totals[key] / count for key in ("entity_recall", "invented_entities", "repeated_trigrams",
-                                                    "punctuation_fraction", "trailing_punctuation")}
+    metrics = {key: totals[key] / count for key in ("entity_recall", "invented_entities", "invented_summaries",
+                                                    "repeated_trigrams", "punctuation_fraction",
+                                                    "trailing_punctuation")}
     metrics["top_summary_share"] = Counter(predictions).most_common(1)[0][1] / count if predictions else 0.0
     return metrics
 
@@ -2726,7 +2729,8 @@ def pointed_at_demo_files(config: Config, given: set[str] = frozenset()) -> Conf
 
 
 COMPARISON_KEYS = (*ROUGE_KEYS, "gen_length", "ref_length", "distinct_fraction", "entity_recall", "invented_entities",
-                   "repeated_trigrams", "punctuation_fraction", "trailing_punctuation", "top_summary_share")
+                   "invented_summaries", "repeated_trigrams", "punctuation_fraction", "trailing_punctuation",
+                   "top_summary_share")
 DEMO_REPORT_KEYS = ("curves", "grpo_minus_control", "grpo_minus_start", "control_minus_start", "best_sft_rougeL",
                     "grpo_minus_best_sft_rougeL")  # what report_demo writes beside the rows and steps
 CURVE_KEYS = ("rougeL", "entity_recall", "distinct_fraction")  # per evaluation in comparison.json's curves
@@ -2771,7 +2775,8 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
     def point(step, metrics):
         return {"step": step, **{key: metrics[key] for key in CURVE_KEYS}}
 
-    sft_evaluations = read("sft_eval.jsonl") if os.path.exists(os.path.join(config.output_dir, "sft_eval.jsonl")) else []
+    scored_during_sft = os.path.exists(os.path.join(config.output_dir, "sft_eval.jsonl"))  # sft_eval_every < sft_steps
+    sft_evaluations = read("sft_eval.jsonl") if scored_during_sft else []
     curves = {"sft": [point(r["sft_step"], r) for r in sft_evaluations] + [point(config.sft_steps, before)],
               "control": [point(0, before)] + [point(r["sft_step"], r) for r in control_curve]
               + [point(after["step"], control)],

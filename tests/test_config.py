@@ -166,7 +166,8 @@ def test_validate_config_accepts(changes):
 # --------------------------------------------------------------------------------------------------
 # main: a bad flag is one line on stderr and exit code 2, before any training starts
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv", [["--sft_steps=300", "--sft_eval_every=300"], ["--sft_steps=300", "--sft_eval_every=500"]])
+@pytest.mark.parametrize("argv", [["--sft_steps=300", "--sft_eval_every=300"],
+                                  ["--sft_steps=300", "--sft_eval_every=500"]])
 def test_sft_eval_every_that_would_score_nothing_is_one_error_line(capsys, argv):
     assert grpo.main(argv) == 2  # given explicitly; the demo's own 200 may exceed a shortened --sft_steps
     lines = capsys.readouterr().err.splitlines()

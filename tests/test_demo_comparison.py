@@ -26,7 +26,8 @@ def test_summary_quality_hand_computed(grpo):
     quality = grpo.summary_quality(predictions, references, articles)
     expected = {
         "entity_recall": (3 / 3 + 0 / 1) / 2,  # {4, dax, dale} all found; {bob} missing
-        "invented_entities": 0.0,  # the lowercased summaries' entities: "4", which the article has
+        "invented_entities": 0.0,  # summary 1's entities: 4, dax, dale (names by the reference's casing), all in
+        "invented_summaries": 0.0,  # its article
         "repeated_trigrams": (0 / 2 + 1 / 2) / 2,  # "the the the" twice among 2 trigrams
         "punctuation_fraction": (4 / 8 + 0 / 4) / 2,
         "trailing_punctuation": (3 + 0) / 2,  # 4 trailing "." minus the one a sentence ends with
@@ -40,6 +41,7 @@ def test_summary_quality_flags_invented_numbers_and_names_and_collapse(grpo):
                                    ["Cora Brask won 55 percent."] * 4)
     # the cased summary's entities: cora, brask, 61; 61 is not in the article
     assert quality["invented_entities"] == pytest.approx((1 / 3) / 4)
+    assert quality["invented_summaries"] == pytest.approx(1 / 4)
     assert quality["top_summary_share"] == pytest.approx(3 / 4)
     assert quality["entity_recall"] == 1.0  # "Cora" starts the reference: no entity to recall counts as all
     quality = grpo.summary_quality(["a . b ."], ["A said Bo."], ["Bo"])
@@ -54,6 +56,7 @@ def test_invented_names_are_caught_in_lowercased_summaries(grpo):
     # hale, survey ("the" is written in lowercase too); summary 1 names hale, whom its article does not mention
     quality = grpo.summary_quality(predictions, references, articles)
     assert quality["invented_entities"] == pytest.approx((1 / 3 + 0 + 0) / 3)  # {dax, hale, 4}: hale invented
+    assert quality["invented_summaries"] == pytest.approx(1 / 3)
 
 
 def test_summary_quality_of_nothing_is_zero_not_an_error(grpo):
@@ -102,7 +105,8 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         sft_evaluations = read_jsonl(tmp_path / f"seed_{seed}" / "sft_eval.jsonl")
         assert [r["sft_step"] for r in sft_evaluations] == [4]
         curves = comparison["curves"]
-        assert [p["step"] for p in curves["sft"]] == [4, 6] and curves["sft"][0]["rougeL"] == sft_evaluations[0]["rougeL"]
+        assert [p["step"] for p in curves["sft"]] == [4, 6]
+        assert curves["sft"][0]["rougeL"] == sft_evaluations[0]["rougeL"]
         assert curves["sft"][-1]["rougeL"] == comparison["start"]["rougeL"] == curves["control"][0]["rougeL"]
         assert [p["step"] for p in curves["control"]] == [p["step"] for p in curves["grpo"]] == [0, 2, 4]
         assert curves["control"][-1]["rougeL"] == comparison["control"]["rougeL"]
@@ -184,7 +188,8 @@ def test_sft_curve_scores_every_n_steps_and_changes_nothing_in_the_training(grpo
     import transformers
 
     train_file, validation_file = data_files
-    config = grpo.Config(model_name=str(tiny_bart_dir), train_file=str(train_file), validation_file=str(validation_file),
+    config = grpo.Config(model_name=str(tiny_bart_dir), train_file=str(train_file),
+                         validation_file=str(validation_file),
                          max_new_tokens=8, max_source_length=64, eval_samples=4, eval_batch_size=4, sft_steps=5,
                          sft_batch_size=4, sft_learning_rate=1e-2, sft_lr_scheduler="constant_with_warmup",
                          warmup_steps=1, device="cpu")
@@ -192,7 +197,7 @@ def test_sft_curve_scores_every_n_steps_and_changes_nothing_in_the_training(grpo
     schedules = []
     real_get_scheduler = transformers.get_scheduler
     monkeypatch.setattr(transformers, "get_scheduler",
-                        lambda name, *args, **kwargs: schedules.append(name) or real_get_scheduler(name, *args, **kwargs))
+                        lambda name, *args, **kw: schedules.append(name) or real_get_scheduler(name, *args, **kw))
 
     def train(sft_eval_every):
         torch.manual_seed(0)
