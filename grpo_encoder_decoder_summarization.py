@@ -1423,7 +1423,7 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
          "--demo runs in one process: start it with python, not torchrun"),
         (config.sft_eval_every == 0 or (config.sft_steps >= 1 and config.eval_samples >= 1),
          "--sft_eval_every scores held-out articles during SFT: it needs --sft_steps >= 1 and --eval_samples >= 1"),
-        ("sft_eval_every" not in given or config.sft_eval_every < config.sft_steps,
+        (config.sft_eval_every == 0 or "sft_eval_every" not in given or config.sft_eval_every < config.sft_steps,
          f"--sft_eval_every={config.sft_eval_every} scores nothing before the last of --sft_steps={config.sft_steps} "
          "SFT steps (the last is scored as GRPO step 0): use a smaller value"),
         (config.best_metric in ROUGE_KEYS, f"--best_metric must be one of {', '.join(ROUGE_KEYS)}"),
@@ -2175,8 +2175,14 @@ def plot_curves(output_dir: str) -> str | None:
         axes[2].plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
     axes[2].set(title="held-out greedy ROUGE F1", xlabel="GRPO step")
     axes[2].legend()
+    return save_figure(figure, os.path.join(output_dir, "curves.png"))
+
+
+def save_figure(figure, path: str) -> str:
+    """Lay out a matplotlib figure, write it as a PNG (110 dpi) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    path = os.path.join(output_dir, "curves.png")
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -2788,8 +2794,7 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
                       grpo_minus_control=paired_change(control_per_article, grpo_per_article, config.seed),
                       grpo_minus_start=paired_change(start_per_article, grpo_per_article, config.seed),
                       control_minus_start=paired_change(start_per_article, control_per_article, config.seed))
-    with open(os.path.join(config.output_dir, "comparison.json"), "w", encoding="utf-8") as file:
-        json.dump(comparison, file, indent=1)
+    write_json_atomic(os.path.join(config.output_dir, "comparison.json"), comparison)
     with open(os.path.join(config.output_dir, "control_predictions.jsonl"), "w", encoding="utf-8") as file:
         file.writelines(json.dumps(record) + "\n" for record in control_per_article)  # to audit the control row
     plot_comparison(config.output_dir, curves, config.sft_steps)
@@ -2839,11 +2844,7 @@ def plot_comparison(output_dir: str, curves: dict[str, list[dict]], sft_steps: i
         axis.axvline(sft_steps, color="black", linewidth=0.8, linestyle=":")
         axis.set(title=title, xlabel="training steps (SFT, then control or GRPO)")
     axes[0].legend()
-    figure.tight_layout()
-    path = os.path.join(output_dir, "comparison.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, os.path.join(output_dir, "comparison.png"))
 
 
 def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
@@ -2861,13 +2862,19 @@ def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
     print(f"{'rougeL grpo - control':<22}{np.mean(gaps):>+18.4f} (per seed: {', '.join(f'{g:+.4f}' for g in gaps)})")
 
 
-def check_finished_demo_seed(output_dir: str, comparison: dict, config: Config) -> None:
-    """A finished seed that --resume reads back must come from the same flags and from this script's report."""
+def check_finished_demo_seed(output_dir: str, config: Config) -> None:
+    """A finished seed that --resume reads back must come from the same flags (max_steps and eval_every included:
+    they set the comparison's N and its curves) and from this script's report."""
     with open(os.path.join(output_dir, RUN_CONFIG_FILE), encoding="utf-8") as file:
-        trajectory, _ = changed_on_resume(json.load(file), config)
-    missing = [key for key in (*DEMO_REPORT_KEYS, "start", "control", "grpo") if key not in comparison]
-    if trajectory:
-        problem = f"it was run with other flags ({'; '.join(trajectory)})"
+        trajectory, bookkeeping = changed_on_resume(json.load(file), config)
+    with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
+        comparison = json.load(file)
+    changes = trajectory + [change for change in bookkeeping if change.startswith(("--max_steps:", "--eval_every:"))]
+    missing = [key for key in DEMO_REPORT_KEYS if key not in comparison]
+    missing += [f"{row}.{key}" for row in ("start", "control", "grpo") for key in COMPARISON_KEYS
+                if key not in comparison.get(row, {})]
+    if changes:
+        problem = f"it was run with other flags ({'; '.join(changes)})"
     elif missing:
         problem = f"its comparison.json lacks {', '.join(missing)} (an older version of this script wrote it)"
     else:
@@ -2879,20 +2886,27 @@ def check_finished_demo_seed(output_dir: str, comparison: dict, config: Config) 
 def run_demo_seeds(config: Config, given: set[str]) -> int:
     """--demo --demo_seeds=n: the demo for seeds seed..seed+n-1, each in output_dir/seed_N; then the table of
     means and spreads over seeds, also written to output_dir/comparison_seeds.json."""
-    results = []
+    summary_file = os.path.join(config.output_dir, "comparison_seeds.json")
+    if os.path.exists(summary_file) and not (config.resume or config.overwrite_output_dir):
+        raise ConfigError(f"{config.output_dir} holds an earlier --demo_seeds run ({summary_file}); continue "
+                          "it with --resume=True, replace it with --overwrite_output_dir=True, or pick another folder")
+    runs = []  # (output_dir, config, finished) per seed; --resume reads finished seeds back, continues a stopped one
     for seed in range(config.seed, config.seed + config.demo_seeds):
         output_dir = os.path.join(config.output_dir, f"seed_{seed}")
-        finished = os.path.exists(os.path.join(output_dir, "comparison.json"))
+        finished = config.resume and os.path.exists(os.path.join(output_dir, "comparison.json"))
         one = dataclasses.replace(config, seed=seed, demo_seeds=1, output_dir=output_dir,
                                   resume=config.resume and bool(checkpoint_files(output_dir)))
-        if not (config.resume and finished):  # --resume: finished seeds are read back, a stopped one continues
+        if finished:  # checked before any seed trains, so a mismatch stops the run at once
+            check_finished_demo_seed(output_dir, pointed_at_demo_files(one, given))
+        runs.append((output_dir, one, finished))
+    results = []
+    for output_dir, one, finished in runs:
+        if not finished:
             code = train(one, given)
             if code != 0:
                 return code
         with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
             results.append(json.load(file))
-        if config.resume and finished:
-            check_finished_demo_seed(output_dir, results[-1], pointed_at_demo_files(one, given))
     rows = {name: {key: [r[name][key] for r in results] for key in COMPARISON_KEYS} for name in ("start", "control", "grpo")}
     best_sft_gaps = [r["grpo_minus_best_sft_rougeL"] for r in results]
     summary = {name: {key: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
@@ -2902,8 +2916,7 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
                    grpo_minus_control=[r["grpo_minus_control"] for r in results],  # per seed, paired bootstrap
                    control_minus_start=[r["control_minus_start"] for r in results],
                    grpo_minus_best_sft_rougeL=best_sft_gaps)
-    with open(os.path.join(config.output_dir, "comparison_seeds.json"), "w", encoding="utf-8") as file:
-        json.dump(summary, file, indent=1)
+    write_json_atomic(summary_file, summary)
     print(f"\n{len(results)} seeds ({', '.join(str(r['seed']) for r in results)}): mean +- half the range over seeds; "
           f"{config.eval_samples} held-out articles each; written to {config.output_dir}/comparison_seeds.json")
     print_comparison(rows)

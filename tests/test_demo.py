@@ -7,7 +7,8 @@ import json
 from conftest import check_ok, read_jsonl, run_script
 
 SHORT_DEMO = ["--demo", "--sft_steps=15", "--sft_batch_size=8", "--max_steps=3", "--batch_size=2", "--group_size=4",
-              "--micro_batch_size=8", "--eval_every=2", "--eval_samples=6", "--save_every=2", "--max_new_tokens=12"]
+              "--micro_batch_size=8", "--eval_every=2", "--eval_samples=6", "--save_every=2", "--max_new_tokens=12",
+              "--sft_eval_every=5"]
 
 
 def untimed_metrics(output_dir) -> list[dict]:
@@ -48,6 +49,8 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
     assert read_jsonl(tmp_path / "b" / "eval.jsonl") == evaluations  # same seed, same numbers
     assert json.loads((tmp_path / "b" / "comparison.json").read_text()) == comparison  # the control's too
     assert untimed_metrics(output) == untimed_metrics(tmp_path / "b")
+    sft_curve = read_jsonl(output / "sft_eval.jsonl")  # held-out scores along SFT, before the start
+    assert [r["sft_step"] for r in sft_curve] == [5, 10] and read_jsonl(tmp_path / "b" / "sft_eval.jsonl") == sft_curve
 
 
 def test_benchmark_prints_and_writes_every_phase(tmp_path):

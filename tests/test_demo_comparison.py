@@ -145,12 +145,20 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     changed = run_script(*flags, "--resume=True", "--temperature=0.9", timeout=300)
     lines = changed.stderr.strip().splitlines()
     assert changed.returncode == 2 and "seed_4" in lines[-1] and "--temperature: 0.7 -> 0.9" in lines[-1], lines
+    longer = run_script(*flags, "--resume=True", "--max_steps=5", timeout=300)  # N of the comparison: not mixed
+    assert longer.returncode == 2 and "--max_steps: 4 -> 5" in longer.stderr.strip().splitlines()[-1]
     older = json.loads((tmp_path / "seed_4" / "comparison.json").read_text())
-    del older["curves"]  # as an older version of the script wrote it
+    del older["curves"], older["grpo"]["invented_summaries"]  # as an older version of the script wrote it
     (tmp_path / "seed_4" / "comparison.json").write_text(json.dumps(older))
     stale = run_script(*flags, "--resume=True", timeout=300)
     lines = stale.stderr.strip().splitlines()
-    assert stale.returncode == 2 and "lacks curves" in lines[-1] and "--overwrite_output_dir" in lines[-1], lines
+    assert stale.returncode == 2 and "lacks curves, grpo.invented_summaries" in lines[-1], lines
+    assert "--overwrite_output_dir" in lines[-1]
+    # a fresh --demo_seeds run into the same folder would replace comparison_seeds.json: refused, nothing written
+    before = (tmp_path / "comparison_seeds.json").read_bytes()
+    fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}", timeout=300)
+    assert fresh.returncode == 2 and "comparison_seeds.json" in fresh.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "comparison_seeds.json").read_bytes() == before and not (tmp_path / "seed_6").exists()
 
 
 @pytest.mark.parametrize("argv", [["--demo", "--demo_seeds=0"], ["--demo_seeds=3"]])
