@@ -951,9 +951,8 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
         progress.set_postfix(loss=f"{loss.item():.3f}")
         scored_now = config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 and step + 1 < config.sft_steps
         if scored_now and held_out is not None and len(held_out):
-            policy.eval()
-            metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
-            policy.train()
+            with eval_mode(policy):
+                metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
             curve.append({"sft_step": step + 1, "loss": loss.item(), **metrics})
             if curve_file:
                 append_jsonl(curve_file, curve[-1])
@@ -1769,9 +1768,7 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
                   max_source_length=config.max_source_length, eval_decoding=config.eval_decoding,
                   generation=generation, sentence_splitter=sentence_splitter(), seed=config.seed, **metrics)
     if dist.is_main:
-        with open(predictions_path + ".tmp", "w", encoding="utf-8") as file:
-            file.writelines(json.dumps(row) + "\n" for row in per_article)
-        os.replace(predictions_path + ".tmp", predictions_path)
+        write_jsonl_atomic(predictions_path, per_article)
         append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), record)
     log(f"eval-only: {format_scores(metrics)}")
     log(f"written: {config.output_dir}/eval.jsonl (scores, {CONFIDENCE_LEVEL:.0%} bootstrap CIs) and "
@@ -1882,8 +1879,16 @@ def prepare_output_dir(config: Config, log) -> None:
 
 
 def write_json_atomic(path: str, record: dict) -> None:
+    """Write one JSON object to path.tmp, then rename it over path: a kill never leaves half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         json.dump(record, file, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_jsonl_atomic(path: str, records: list[dict]) -> None:
+    """Write records as JSON Lines to path.tmp, then rename it over path: a kill never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(path + ".tmp", path)
 
 
@@ -2016,12 +2021,13 @@ def read_saved_config(checkpoint: str, output_dir: str) -> dict | None:
     return None
 
 
-def changed_on_resume(saved: dict, config: Config) -> tuple[list[str], list[str]]:
+def changed_on_resume(saved: dict, config: Config, bookkeeping_fields: frozenset = RESUME_BOOKKEEPING_FIELDS
+                      ) -> tuple[list[str], list[str]]:
     """(trajectory changes, bookkeeping changes) between a saved config and the new one, each as 'name: old -> new'.
 
-    Every field is trajectory-altering except RESUME_BOOKKEEPING_FIELDS (max_steps among them: it has its own rule,
-    see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later is checked by default. A field
-    missing from an older saved config counts as its default.
+    Every field is trajectory-altering except bookkeeping_fields (by default RESUME_BOOKKEEPING_FIELDS, max_steps
+    among them: it has its own rule, see continue_lr_schedule) and RESUME_IGNORED_FIELDS, so a field added later
+    is checked by default. A field missing from an older saved config counts as its default.
     """
     def comparable(value):  # as JSON holds it (a tuple and a list of the same items are the same flag value)
         return json.loads(json.dumps(value))
@@ -2032,7 +2038,7 @@ def changed_on_resume(saved: dict, config: Config) -> tuple[list[str], list[str]
         old, new = saved.get(field.name, default), getattr(config, field.name)
         if comparable(old) != comparable(new):
             change = f"--{field.name}: {old!r} -> {new!r}"
-            (bookkeeping if field.name in RESUME_BOOKKEEPING_FIELDS else trajectory).append(change)
+            (bookkeeping if field.name in bookkeeping_fields else trajectory).append(change)
     return trajectory, bookkeeping
 
 
@@ -2775,8 +2781,9 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
     before, after = evals[0], evals[-1]
     rows = {"start": before, "control": control, "grpo": after}
     comparison = {name: {key: row[key] for key in COMPARISON_KEYS} for name, row in rows.items()}
-    grpo_per_article = [r for r in read("eval_predictions.jsonl") if r["step"] == after["step"]]
-    start_per_article = [r for r in read("eval_predictions.jsonl") if r["step"] == before["step"]]
+    predictions = read("eval_predictions.jsonl")
+    grpo_per_article = [r for r in predictions if r["step"] == after["step"]]
+    start_per_article = [r for r in predictions if r["step"] == before["step"]]
 
     def point(step, metrics):
         return {"step": step, **{key: metrics[key] for key in CURVE_KEYS}}
@@ -2795,8 +2802,7 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
                       grpo_minus_start=paired_change(start_per_article, grpo_per_article, config.seed),
                       control_minus_start=paired_change(start_per_article, control_per_article, config.seed))
     write_json_atomic(os.path.join(config.output_dir, "comparison.json"), comparison)
-    with open(os.path.join(config.output_dir, "control_predictions.jsonl"), "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record) + "\n" for record in control_per_article)  # to audit the control row
+    write_jsonl_atomic(os.path.join(config.output_dir, "control_predictions.jsonl"), control_per_article)  # audit
     plot_comparison(config.output_dir, curves, config.sft_steps)
     print(f"\nheld-out greedy decoding on {config.eval_samples} synthetic articles, seed {config.seed}: start = "
           f"{config.sft_steps} SFT steps; control = start + {after['step']} SFT steps; grpo = start + "
@@ -2866,10 +2872,9 @@ def check_finished_demo_seed(output_dir: str, config: Config) -> None:
     """A finished seed that --resume reads back must come from the same flags (max_steps and eval_every included:
     they set the comparison's N and its curves) and from this script's report."""
     with open(os.path.join(output_dir, RUN_CONFIG_FILE), encoding="utf-8") as file:
-        trajectory, bookkeeping = changed_on_resume(json.load(file), config)
+        changes, _ = changed_on_resume(json.load(file), config, RESUME_BOOKKEEPING_FIELDS - {"max_steps", "eval_every"})
     with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
         comparison = json.load(file)
-    changes = trajectory + [change for change in bookkeeping if change.startswith(("--max_steps:", "--eval_every:"))]
     missing = [key for key in DEMO_REPORT_KEYS if key not in comparison]
     missing += [f"{row}.{key}" for row in ("start", "control", "grpo") for key in COMPARISON_KEYS
                 if key not in comparison.get(row, {})]
