@@ -191,14 +191,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
             "batch": std = the std of all rewards of the batch (batch_std if given: under torchrun, of every
                      process's rewards), one number for every group;
             "none":  no division, A_i = r_i - mean_g r (Dr. GRPO).
-    Every std is the population std (divides by the count). A group whose rewards are all equal gets A = 0.
+    Every std is the sample std (divides by count - 1, Bessel), as TRL's torch.std. Equal rewards give A = 0.
     """
     grouped = rewards.view(-1, group_size)  # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
     if scale == "group":
-        centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / ((rewards.std(unbiased=False) if batch_std is None else batch_std) + eps)
+        centered = centered / ((rewards.std() if batch_std is None else batch_std) + eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALE_REWARDS}")
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1): the float mean can be 1 ulp off
@@ -206,12 +206,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
 
 
 def batch_reward_std(rewards: torch.Tensor) -> torch.Tensor:
-    """Population std of the rewards of the whole step: under torchrun, of every process's rewards together."""
+    """Sample std of the rewards of the whole step: under torchrun, of every process's rewards together."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return rewards.std(unbiased=False)
+        return rewards.std()
     parts = [torch.empty_like(rewards) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, rewards)  # every process has B*G rewards
-    return torch.cat(parts).std(unbiased=False)
+    return torch.cat(parts).std()
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,33 +19,34 @@ LOSS_TYPES = grpo.LOSS_TYPES  # a new loss type fails below until it has its han
 # group_advantages
 # --------------------------------------------------------------------------------------------------
 def test_group_advantages_g2_hand_computed():
-    """r = [1, 3]: mean 2, population std 1, so A = [-1, 1] / (1 + 1e-4)."""
+    """r = [1, 3]: mean 2, sample std sqrt((1 + 1) / (2 - 1)) = sqrt(2), so A = [-1, 1] / (sqrt(2) + 1e-4)."""
     rewards = torch.tensor([1.0, 3.0], dtype=torch.float64)
-    expected = torch.tensor([-1 / (1 + EPS), 1 / (1 + EPS)], dtype=torch.float64)
+    s = math.sqrt(2)
+    expected = torch.tensor([-1 / (s + EPS), 1 / (s + EPS)], dtype=torch.float64)
     torch.testing.assert_close(grpo.group_advantages(rewards, 2), expected, rtol=0, atol=1e-12)
 
 
-def test_group_advantages_g4_uses_population_std():
-    """r = [0, 1, 2, 5]: mean 2, deviations [-2, -1, 0, 3], variance (4+1+0+9)/4 = 3.5 (divides by G, not G-1)."""
+def test_group_advantages_g4_uses_the_sample_std_as_trl():
+    """r = [0, 1, 2, 5]: mean 2, deviations [-2, -1, 0, 3], variance (4+1+0+9)/(4-1) = 14/3 (Bessel, as TRL)."""
     rewards = torch.tensor([0.0, 1.0, 2.0, 5.0], dtype=torch.float64)
-    std = math.sqrt(3.5)  # the sample std would be sqrt(14/3) = 2.160..., this is 1.8708...
+    std = math.sqrt(14 / 3)  # 2.1602...; the population std would be sqrt(3.5) = 1.8708...
     expected = torch.tensor([-2 / (std + EPS), -1 / (std + EPS), 0.0, 3 / (std + EPS)], dtype=torch.float64)
     torch.testing.assert_close(grpo.group_advantages(rewards, 4), expected, rtol=0, atol=1e-12)
 
 
 def test_group_advantages_groups_are_contiguous():
-    """(B*G,) = two groups of G=4: [0, 1, 2, 5] and [4, 4, 4, 8] (mean 5, deviations [-1,-1,-1,3], variance 3)."""
+    """(B*G,) = two groups of G=4: [0, 1, 2, 5] and [4, 4, 4, 8] (mean 5, deviations [-1,-1,-1,3], variance 12/3)."""
     rewards = torch.tensor([0.0, 1.0, 2.0, 5.0, 4.0, 4.0, 4.0, 8.0], dtype=torch.float64)
-    s1, s2 = math.sqrt(3.5), math.sqrt(3.0)
+    s1, s2 = math.sqrt(14 / 3), 2.0
     expected = torch.tensor([-2 / (s1 + EPS), -1 / (s1 + EPS), 0.0, 3 / (s1 + EPS),
                              -1 / (s2 + EPS), -1 / (s2 + EPS), -1 / (s2 + EPS), 3 / (s2 + EPS)], dtype=torch.float64)
     advantages = grpo.group_advantages(rewards, 4)
     assert advantages.shape == (8,)
     torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-12)
-    # The same 8 rewards read as four groups of 2: [0,1] [2,5] [4,4] [4,8]; a pair (a, b) has mean (a+b)/2 and
-    # population std |b-a|/2, so A = -/+ s/(s + eps) with s = 0.5, 1.5, (equal: 0), 2.
+    # The same 8 rewards read as four groups of 2: [0,1] [2,5] [4,4] [4,8]; a pair (a, b) has deviations -/+ d with
+    # d = |b-a|/2 and sample std |b-a|/sqrt(2), so A = -/+ d/(d*sqrt(2) + eps) with d = 0.5, 1.5, (equal: 0), 2.
     pairs = grpo.group_advantages(rewards, 2)
-    a, b, c = 0.5 / (0.5 + EPS), 1.5 / (1.5 + EPS), 2 / (2 + EPS)
+    a, b, c = (d / (d * math.sqrt(2) + EPS) for d in (0.5, 1.5, 2.0))
     torch.testing.assert_close(pairs, torch.tensor([-a, a, -b, b, 0, 0, -c, c], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
@@ -72,7 +73,7 @@ def test_group_advantages_equal_float32_rouge_rewards_g8_give_exact_zeros(value)
     """The default G=8 with a typical ROUGE reward, in float32 as rollout_step builds it (torch.tensor(list)).
 
     The docstring promises A = 0 for a group of equal rewards. In float32 the group mean of eight 0.3s is one
-    ulp off 0.3, the population std is then ~3e-8 instead of 0, and (r - mean) / (std + 1e-4) is ~3e-4 for all
+    ulp off 0.3, the std is then ~3e-8 instead of 0, and (r - mean) / (std + 1e-4) is ~3e-4 for all
     eight samples: a same-sign advantage that nudges the whole group instead of leaving it out of the gradient.
     """
     rewards = torch.tensor([value] * 8)  # float32, as in rollout_step

@@ -121,22 +121,21 @@ def test_gspo_token_micro_batch_weight_is_the_sequence_share(grpo):
 # scale_rewards = group | batch | none
 # --------------------------------------------------------------------------------------------------
 # Rewards [0, 1 | 2, 2], G = 2. Group means 0.5 and 2, so r - mean = [-0.5, 0.5, 0, 0].
-#   group: group population stds 0.5 and 0      -> [-0.5, 0.5] / (0.5 + eps), and [0, 0] (equal rewards)
-#   batch: batch mean 1.25, population std sqrt(((-1.25)^2 + (-0.25)^2 + 0.75^2 + 0.75^2) / 4) = sqrt(0.6875)
-#          = 0.829156                         -> [-0.5, 0.5, 0, 0] / (0.829156 + eps)
+#   group: group sample stds sqrt(0.5) and 0   -> [-0.5, 0.5] / (0.707107 + eps), and [0, 0] (equal rewards)
+#   batch: batch mean 1.25, sample std sqrt(((-1.25)^2 + (-0.25)^2 + 0.75^2 + 0.75^2) / 3) = sqrt(2.75 / 3)
+#          = 0.957427                         -> [-0.5, 0.5, 0, 0] / (0.957427 + eps)
 #   none:                                     -> [-0.5, 0.5, 0, 0]
 REWARDS = [0.0, 1.0, 2.0, 2.0]
 
 
 def test_scale_rewards_group_hand_computed(grpo):
-    a = 0.5 / (0.5 + EPS)
+    a = 0.5 / (math.sqrt(0.5) + EPS)
     torch.testing.assert_close(grpo.group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 2, scale="group"),
                                torch.tensor([-a, a, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_scale_rewards_batch_hand_computed(grpo):
-    assert math.sqrt(0.6875) == pytest.approx(0.829156, abs=1e-6)
-    a = 0.5 / (math.sqrt(0.6875) + EPS)
+    a = 0.5 / (math.sqrt(2.75 / 3) + EPS)
     torch.testing.assert_close(grpo.group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 2, scale="batch"),
                                torch.tensor([-a, a, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
 
@@ -147,8 +146,8 @@ def test_scale_rewards_batch_uses_the_given_std_of_all_processes(grpo):
     result = grpo.group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 2, scale="batch",
                                    batch_std=torch.tensor(2.0, dtype=torch.float64))
     torch.testing.assert_close(result, torch.tensor([-a, a, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
-    # one process: batch_reward_std is the plain population std
-    assert grpo.batch_reward_std(torch.tensor(REWARDS)).item() == pytest.approx(math.sqrt(0.6875), abs=1e-6)
+    # one process: batch_reward_std is the plain sample std
+    assert grpo.batch_reward_std(torch.tensor(REWARDS)).item() == pytest.approx(0.957427, abs=1e-6)
 
 
 def test_scale_rewards_none_hand_computed(grpo):
@@ -360,14 +359,13 @@ def _batch_std_worker(rank: int, init_file: str, results) -> None:
 
 
 def test_batch_reward_std_under_two_processes_is_the_std_of_all_rewards(tmp_path):
-    """scale_rewards=batch under torchrun: both processes divide by the population std of all 8 rewards."""
+    """scale_rewards=batch under torchrun: both processes divide by the sample std of all 8 rewards."""
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_batch_std_worker, args=(str(tmp_path / "init"), results), nprocs=2)
         stds = [results[0], results[1]]
-    everything = torch.tensor([0.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 1.5])
-    # mean 1.875; squared deviations sum 15.375 -> population std sqrt(15.375 / 8) = 1.386317
-    assert everything.std(unbiased=False).item() == pytest.approx(1.386317, abs=1e-6)
-    assert stds == pytest.approx([1.386317, 1.386317], abs=1e-6)
+    # all 8 rewards [0, 1, 2, 2, 4, 4, 0.5, 1.5]: mean 1.875; squared deviations sum 15.375
+    # -> sample std sqrt(15.375 / 7) = 1.482035
+    assert stds == pytest.approx([1.482035, 1.482035], abs=1e-6)
