@@ -21,14 +21,15 @@ Reading map, top to bottom (the algorithm first; everything after the PLUMBING b
   Config                       every flag, with its paper symbol (G, beta, epsilon, mu); --help lists them
   GRPO step 1/4, the math      group_advantages, completion_mask, token_logprobs, grpo_loss: pure tensor functions
   GRPO step 2/4, the rollout   sample_completions (our encoder-decoder sampler), rollout_step (rewards, advantages)
-  GRPO step 3/4, the update    grpo_update: mu AdamW steps on one rollout (the algorithm's lines marked # ALGO)
+  GRPO step 3/4, the update    grpo_update: mu AdamW steps on one rollout
   GRPO step 4/4                grpo_step: rollout -> pi_ref (and pi_old) log-probs -> update
-  Model glue                   GroupedSeq2Seq (the encoder once per article), LoRA, generation settings
+  Model glue                   GroupedSeq2Seq (the encoder once per article, cross-attention shared by its G)
   The reward                   compute_rewards: edit it to change what GRPO optimizes
   SFT and evaluation           sft_warmup, evaluate
   The main loop                train: a batch -> grpo_step -> log -> evaluate / save; build_run sets it up
-  PLUMBING                     flags, data files, run files and checkpoints, processes (DDP), ROUGE internals,
-                               bootstrap intervals and eval-only mode, the demo world, the benchmark
+  PLUMBING                     model loading (LoRA, pi_ref, decoding settings), the run's bookkeeping, flags,
+                               data files, evaluation internals and eval-only mode, run files and checkpoints,
+                               processes (DDP), ROUGE internals, the demo world, the benchmark
 
 References:
   GRPO      Shao et al. 2024, DeepSeekMath, arXiv:2402.03300
@@ -159,25 +160,9 @@ class Config:
     benchmark: bool = False  # time every phase of a fixed tiny workload and print a table
 
 
-# The offline demo changes only these constants; the code path is the one a real run takes.
-DEMO_CONFIG = dict(
-    output_dir="runs/demo", max_source_length=160, max_new_tokens=40, group_size=8, batch_size=8,
-    micro_batch_size=64, temperature=0.7, learning_rate=1e-4, beta=0.02, warmup_steps=5,
-    lr_scheduler="constant_with_warmup", sft_steps=1200, sft_learning_rate=2e-3, sft_batch_size=32,
-    sft_eval_every=200, max_steps=150,
-    eval_every=50, eval_samples=200, eval_batch_size=100, save_every=50,
-)
-# --benchmark: the demo's setup, timed
-BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0, sft_eval_every=0)
-DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
-SFT_ONLY_FIELDS = frozenset({"sft_learning_rate", "sft_lr_scheduler", "sft_batch_size", "sft_eval_every"})
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "gspo_token")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "gspo_token")  # --loss_type choices (see grpo_loss)
 SCALE_REWARDS = ("group", "batch", "none")  # --scale_rewards choices, as in TRL
-TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --report_to name -> package it needs
-COMPLETION_ARTICLES = 2  # articles per logged step whose G samples go to completions.jsonl
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-EVAL_SPLITS = ("validation", "test")  # --eval_split values
-EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,10 +173,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
     """A_i = (r_i - mean_g r) / (std + eps), the mean over each group of G contiguous samples (TRL's scale_rewards):
 
     scale = "group": std = std_g r, the std of the sample's own group (GRPO);
-            "batch": std = the std of all rewards of the batch (batch_std if given: under torchrun, of every
-                     process's rewards), one number for every group;
+            "batch": std = the std of all the step's rewards (batch_std if given: under torchrun, of every process's);
             "none":  no division, A_i = r_i - mean_g r (Dr. GRPO).
-    Every std is the sample std (divides by count - 1, Bessel), as TRL's torch.std. Equal rewards give A = 0.
+    Every std is the sample std (divides by count - 1), as TRL's torch.std. Equal rewards in a group give A = 0.
     """
     grouped = rewards.view(-1, group_size)  # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
@@ -205,21 +189,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
     return centered.masked_fill(all_equal, 0.0).reshape(-1)  # (B*G,)
 
 
-def batch_reward_std(rewards: torch.Tensor) -> torch.Tensor:
-    """Sample std of the rewards of the whole step: under torchrun, of every process's rewards together."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return rewards.std()
-    parts = [torch.empty_like(rewards) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, rewards)  # every process has B*G rewards
-    return torch.cat(parts).std()
-
-
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """mask[i, t] = 1 for the tokens of sample i up to and including its first EOS, 0 after it.
 
-    completion_ids excludes the decoder start token, so the mask is right whatever that token is
-    (eos for BART, pad for T5) and also when pad == eos. A sample without EOS keeps all its tokens.
-    Returns (mask (N, T) float, truncated (N,) bool: the sample has no EOS).
+    completion_ids (N, T) excludes the decoder start token, so the mask is right whatever that token is (eos for
+    BART, pad for T5), also when pad == eos. Returns (mask (N, T) float, truncated (N,) bool: no EOS).
     """
     is_eos = completion_ids == eos_token_id  # (N, T)
     has_eos = is_eos.any(dim=1)  # (N,)
@@ -230,11 +204,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[to
 
 
 def exclude_forced_tokens(mask: torch.Tensor, forced_bos_token_id: int | None) -> torch.Tensor:
-    """The loss mask without tokens the sampler forced: with forced_bos_token_id set, generation puts that token at
-    the first generated position with probability 1, so it was not sampled and must not enter the loss or the KL.
-
-    mask (N, T) -> (N, T): column 0 set to 0 when forced_bos_token_id is not None, unchanged otherwise.
-    """
+    """mask (N, T) without column 0 when the checkpoint forces the first token (forced_bos_token_id): that token
+    was not sampled (probability 1), so it enters neither the loss nor the KL."""
     if forced_bos_token_id is None:
         return mask
     kept = torch.ones_like(mask)  # (N, T)
@@ -243,10 +214,10 @@ def exclude_forced_tokens(mask: torch.Tensor, forced_bos_token_id: int | None) -
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position, as the gathered logit minus logsumexp, one sequence at a time.
+    """log softmax(logits)[token] per position: logits (N, T, V), tokens (N, T) -> (N, T).
 
-    logits (N, T, V), tokens (N, T) -> (N, T). Exact, without a full (N, T, V) log_softmax copy: the
-    logsumexp of one (T, V) row at a time keeps temporaries small (about 2x faster on CPU at V = 50k).
+    The gathered logit minus logsumexp, one (T, V) row at a time: exact, with no (N, T, V) log_softmax copy
+    (about 2x faster on CPU at V = 50k).
     """
     chosen = logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
     return chosen - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (N, T)
@@ -254,10 +225,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H_t = -sum_v p_v log p_v with p = softmax(logits), per position: logits (N, T, V) -> (N, T), no gradient.
-
-    One (T, V) row at a time, like token_logprobs, so no (N, T, V) temporary is made.
-    """
+    """H_t = -sum_v p_v log p_v with p = softmax(logits): logits (N, T, V) -> (N, T), one row at a time, no grad."""
     entropies = []
     for row in logits:  # (T, V)
         log_p = torch.log_softmax(row, dim=-1)
@@ -265,18 +233,9 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(entropies)  # (N, T)
 
 
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float,
-    beta: float,
-    epsilon_high: float | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, epsilon: float, beta: float, epsilon_high: float | None = None, loss_type: str = "grpo",
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss with a KL penalty. Tensors (N, T) with N = B*G, advantages (N,), mask 0/1.
 
     Per token: ratio = exp(logprobs - old_logprobs)
@@ -284,18 +243,15 @@ def grpo_loss(
                kl = exp(ref - logp) - (ref - logp) - 1            (k3 estimator, >= 0)
     loss_type  grpo:    -(mean over sequences of (sum of masked objective / that sequence's token count))
                dapo:    -(sum of masked objective over all tokens) / (total token count)
-               dr_grpo: -(sum of masked objective) / (N * L), L = max_completion_length (default T): a
-                        constant, so no sequence length enters the gradient's scale
-               gspo:    as grpo, but the ratio is the sequence's exp(mean masked log-ratio), clipped per
-                        sequence (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
-               gspo_token: as grpo, with token ratio = sg(s_i) * pi_theta(y_t) / sg(pi_theta(y_t)), where s_i is
-                        gspo's sequence ratio and sg() stops the gradient (GSPO-token; TRL
-                        importance_sampling_level="sequence_token"). Every token's ratio has the value s_i, and
-                        its gradient is s_i * grad log pi_theta(y_t); as the advantage is one number per
-                        sequence, loss and gradient equal gspo's exactly (tested).
-    Returns (loss, stats) with stats kl (mean over masked tokens), clip_fraction_low / clip_fraction_high (share
-    of masked tokens whose ratio was clipped below 1 - epsilon with A < 0 / above 1 + epsilon_high with A > 0:
-    the clips that stop the gradient) and clip_fraction, their sum.
+               dr_grpo: -(sum of masked objective) / (N * L), L = max_completion_length (default T): a constant
+               gspo:    as grpo, with one ratio per sequence, exp(mean masked log-ratio), clipped per sequence
+                        (GSPO uses small epsilons, e.g. 3e-4 / 4e-4)
+               gspo_token: as grpo, with token ratio sg(s_i) * pi_theta(y_t) / sg(pi_theta(y_t)) (s_i: gspo's
+                        sequence ratio, sg: stop-gradient; TRL's importance_sampling_level="sequence_token"). With
+                        one advantage per sequence its loss and gradient equal gspo's exactly (tested).
+    Returns (loss, stats): kl (mean over masked tokens), clip_fraction_low / _high (share of masked tokens clipped
+    below 1 - epsilon with A < 0 / above 1 + epsilon_high with A > 0: the clips that stop the gradient) and
+    clip_fraction, their sum. The clip fractions are token-weighted also for gspo (TRL averages gspo's per sequence).
     """
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logprobs.dtype)
@@ -332,11 +288,10 @@ def grpo_loss(
 
 def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor,
                        world_token_count: float | None = None, world_size: int = 1) -> float:
-    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full-batch loss.
+    """Weight of a micro-batch's grpo_loss so that the weighted sum over micro-batches is the full batch's loss.
 
-    dapo under DDP: the step's loss is sum over the tokens of all processes / token count of all processes
-    (world_token_count). DDP averages gradients over world_size processes, so each process weighs its
-    micro-batch by micro_tokens * world_size / world_token_count.
+    dapo divides by the step's token count: under DDP, of all processes (world_token_count); DDP then averages the
+    world_size processes' gradients, so the weight is micro_tokens * world_size / world_token_count.
     """
     if loss_type == "dapo":
         total = full_mask.sum() if world_token_count is None else torch.tensor(float(world_token_count))
@@ -365,8 +320,7 @@ SAMPLER_CHECK_EVERY = 8  # the sampler asks "has every sample ended?" (a device 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability mass is >= top_p.
 
-    logits (N, V) -> (N, V) with the dropped tokens at -inf. Exactly transformers' TopPLogitsWarper: sort
-    ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most likely one.
+    logits (N, V) -> (N, V), the dropped tokens at -inf: exactly transformers' TopPLogitsWarper.
     """
     if top_p >= 1.0:
         return logits
@@ -379,13 +333,9 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from probs by inverse-CDF sampling: the token i with cdf[i-1] <= u * cdf[V-1] < cdf[i].
-
-    probs (N, V) >= 0 (need not sum to 1), uniform (N,) in [0, 1) -> tokens (N,). Token i is drawn with
-    probability (cdf[i] - cdf[i-1]) / cdf[V-1] = probs[i] / sum(probs): exactly the categorical distribution,
-    for one uniform per row (torch.multinomial draws an exponential per vocabulary entry), and without a
-    device sync. A token of probability 0 is never drawn (its cdf interval is empty).
-    """
+    """One token per row drawn from probs (N, V) >= 0 (need not sum to 1), with uniform (N,) in [0, 1): the token i
+    with cdf[i-1] <= u * cdf[V-1] < cdf[i]. Exactly the categorical distribution, with one uniform per row and no
+    device sync; a token of probability 0 is never drawn."""
     cdf = probs.cumsum(dim=-1)  # (N, V)
     total = cdf[:, -1:]  # (N, 1)
     target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
@@ -398,37 +348,21 @@ def decoder_step(model, encoder_outputs, attention_mask: torch.Tensor, token: to
                  cache=cache, use_cache=True).logits[:, -1].float()
 
 
-@lru_cache(maxsize=1)
-def compiled_decoder_step():
-    """decoder_step under torch.compile(mode="reduce-overhead"): on CUDA, each step replays a CUDA graph."""
-    return torch.compile(decoder_step, mode="reduce-overhead", dynamic=False)
-
-
 @torch.no_grad()
 def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
                        max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                       top_p: float = 1.0, greedy: bool = False, stop_early: bool = True,
-                       static_cache: bool = False, compile_step: bool = False, with_logprobs: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       top_p: float = 1.0, greedy: bool = False, with_logprobs: bool = True,
+                       step_function=decoder_step) -> tuple[torch.Tensor, torch.Tensor | None]:
     """G samples per article from an encoder-decoder, token by token: the rollout sampler of GRPO.
 
-    input_ids, attention_mask (B, S) -> (sequences (B*G, 1+T): the decoder start token, then the tokens, pad
-    after EOS, the G samples of an article in consecutive rows; logprobs (B*G, T): log softmax(logits /
-    temperature)[token], the per-token log-probability the scoring passes compute, 0 after EOS; None with
-    with_logprobs=False, which saves a pass over the (B*G, V) logits per token).
-    Per article the encoder runs once and the first decoder step (the same start token for all G) runs once,
-    which projects the article's cross-attention keys/values once; the model's own cache (transformers'
-    EncoderDecoderCache) is then repeated to the G samples and keeps them, and the self-attention keys/values,
-    for every later step. Each step: logits / temperature -> top_p_filter -> softmax -> inverse_cdf_sample
-    (greedy: argmax), the checkpoint's forced first token, pad after a sample's EOS. The loop has no
-    data-dependent branch except the check every SAMPLER_CHECK_EVERY tokens that every sample has ended
-    (stop_early=False runs max_new_tokens steps without it; the output is then trimmed once).
-    static_cache=True keeps the self-attention keys/values in a transformers StaticCache of max_new_tokens
-    positions, so every step has the same shapes (capturable in a CUDA graph); compile_step=True (needs
-    static_cache) runs each step through compiled_decoder_step. Call it in eval mode (see eval_mode): under
-    gradient checkpointing transformers turns the cache off in train mode.
+    input_ids, attention_mask (B, S) -> sequences (B*G, 1+T): the decoder start token, the tokens, pad after EOS,
+    an article's G samples in consecutive rows; and logprobs (B*G, T) = log softmax(logits / temperature)[token],
+    0 after EOS (None with with_logprobs=False). Per article the encoder and the first decoder step run once, so
+    the cross-attention keys/values are projected once and then repeated to the G samples in the model's cache.
+    Each step: logits / temperature -> top_p_filter -> softmax -> inverse_cdf_sample (greedy: argmax). Call it in
+    eval mode (transformers turns the cache off in train mode under gradient checkpointing).
     """
-    from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+    from transformers import DynamicCache, EncoderDecoderCache
     from transformers.modeling_outputs import BaseModelOutput
 
     batch, device = input_ids.size(0), input_ids.device
@@ -441,12 +375,6 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                     decoder_input_ids=start, cache=cache, use_cache=True)  # one row per article: (B, 1, V)
     logits = outputs.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (B*G, V)
     cache.batch_repeat_interleave(group_size)  # self- and cross-attention keys/values, (B, ...) -> (B*G, ...)
-    if static_cache:  # the same keys/values in fixed-size buffers: the step's shapes no longer grow
-        self_attention = StaticCache(config=model.config, max_cache_len=max_new_tokens)
-        for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
-            self_attention.update(keys, values, layer)
-        cache = EncoderDecoderCache(self_attention, cache.cross_attention_cache)
-    step_function = compiled_decoder_step() if compile_step else decoder_step
     encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0))  # (B*G, S, d)
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)  # (B*G, S)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)  # (B*G,)
@@ -454,15 +382,13 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     for step in range(max_new_tokens):
         if step > 0:
             logits = step_function(model, encoder_outputs, attention_mask, tokens[-1], cache)  # (B*G, V)
-            if compile_step:  # a CUDA graph's output is overwritten by its next replay
-                logits = logits.clone()
         scaled = logits / temperature
         if greedy:
             token = logits.argmax(dim=-1)  # (B*G,)
         else:
             probs = top_p_filter(scaled, top_p).softmax(dim=-1)  # (B*G, V)
             token = inverse_cdf_sample(probs, torch.rand(num_samples, device=device))
-        if step == 0 and forced_first is not None:
+        if step == 0 and forced_first is not None:  # the checkpoint's forced first token (BART-large, mBART)
             token = torch.full_like(token, forced_first)
         token = token.masked_fill(finished, pad_token_id)  # (B*G,)
         if with_logprobs:
@@ -470,7 +396,7 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             logprobs.append(chosen.masked_fill(finished, 0.0))
         tokens.append(token)
         finished = finished | (token == eos_token_id)
-        if stop_early and (step + 1) % SAMPLER_CHECK_EVERY == 0 and bool(finished.all()):
+        if (step + 1) % SAMPLER_CHECK_EVERY == 0 and bool(finished.all()):
             break
     completion_ids = torch.stack(tokens, dim=1)  # (B*G, T)
     length = int(completion_mask(completion_ids, eos_token_id)[0].sum(dim=1).max())  # drop all-pad columns
@@ -479,15 +405,14 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return torch.cat([start, completion_ids[:, :length]], dim=1), logprobs
 
 
-@torch.no_grad()
 def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
     """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
     encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
     with timer("time_generate"), autocast(device), eval_mode(policy):
         sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], config.group_size,
                                           config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                          config.temperature, config.top_p, static_cache=config.compile_sampler,
-                                          compile_step=config.compile_sampler, with_logprobs=False)
+                                          config.temperature, config.top_p, with_logprobs=False,
+                                          step_function=sampler_step_function(config))
     completion_ids = sequences[:, 1:]  # (B*G, T): drop the decoder start token, which is never scored
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     length = int(mask.sum(dim=1).max())  # trim right padding past the longest sample
@@ -511,13 +436,8 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
     stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
              "reward_max": rewards.max().item(), "zero_std_groups": zero_std_groups.float().mean().item(),
              "completion_length": float(np.mean(lengths)), "truncated_fraction": truncated.float().mean().item(),
-             "articles_truncated": truncated_articles, "sample_summary": summaries[0]}
-    G = config.group_size  # the first few articles' samples, for completions.jsonl (--log_completions_every)
-    stats["completions"] = [
-        {"reference": batch_rows[config.summary_column][article],
-         "samples": [{"summary": summaries[i], "reward": rewards[i].item(), "advantage": advantages[i].item()}
-                     for i in range(article * G, (article + 1) * G)]}
-        for article in range(min(COMPLETION_ARTICLES, len(batch_rows[config.summary_column])))]
+             "articles_truncated": truncated_articles,
+             "samples": list(zip(summaries, rewards.tolist(), advantages.tolist()))}  # for completions.jsonl
     return rollout, stats
 
 
@@ -537,59 +457,44 @@ def sequence_logprobs_no_grad(forward, rollout: Rollout, config: Config, device:
 
 
 def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: Config, device, timer) -> dict:
-    """Run num_iterations (mu) AdamW steps on one rollout. Returns averaged loss statistics.
+    """num_iterations (mu) AdamW steps on one rollout. Returns the loss statistics, averaged.
 
-    The lines marked `# ALGO` are GRPO itself: score the sampled tokens under pi_theta, take the clipped loss
-    with its KL term, backpropagate, clip the gradient norm, step. The rest is plumbing: micro-batches of whole
-    groups (weighted so that their sum is exactly the full batch's loss), DDP's gradient sync once per update,
-    phase timers, statistics, and skipping an update whose loss or gradient norm is not finite (no parameter
-    change; reported).
+    The rollout is cut into micro-batches of whole groups, each loss weighted so that the gradients add up to the
+    full batch's (micro_batch_weight). An update whose loss or gradient norm is not finite is skipped and counted.
     """
     parameters = [p for p in policy_forward.parameters() if p.requires_grad]
+    groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
+    world_tokens = world_token_count(policy_forward, rollout.mask, config.loss_type)  # dapo under DDP, else (None, 1)
     totals = Counter()
-    token_total = rollout.mask.sum().clamp(min=1).item()
-    world_token_count, world_size = None, 1
-    if config.loss_type == "dapo" and hasattr(policy_forward, "no_sync"):  # DDP: normalize by all processes' tokens
-        world_token_count = rollout.mask.sum().double()
-        torch.distributed.all_reduce(world_token_count)  # once per rollout
-        world_token_count, world_size = world_token_count.item(), torch.distributed.get_world_size()
-    for iteration in range(config.num_iterations):  # ALGO: mu updates on the same rollout
+    for iteration in range(config.num_iterations):  # mu updates on the same rollout
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        groups = list(micro_batches(rollout.input_ids.size(0), config.group_size, config.micro_batch_size))
         for index, (articles, samples) in enumerate(groups):
-            sync = index == len(groups) - 1 or not hasattr(policy_forward, "no_sync")
-            with (contextlib.nullcontext() if sync else policy_forward.no_sync()):
+            with gradient_sync(policy_forward, index == len(groups) - 1):  # DDP: once per update
                 with timer("time_forward"), autocast(device):
-                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],  # ALGO
+                    logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
                                             rollout.decoder_input_ids[samples], config.group_size)
-                    scaled_logits = logits.float() / config.temperature  # ALGO: (n, T, V), as sampled
-                    logprobs = token_logprobs(scaled_logits, rollout.completion_ids[samples])  # ALGO: log pi_theta
-                    if iteration == 0:  # mean token entropy of pi_old, the policy that sampled
-                        entropy = (token_entropy(scaled_logits) * rollout.mask[samples]).sum().item()
-                        totals["entropy"] += entropy / token_total
-                    # ALGO: pi_old; with mu = 1 it is pi_theta itself (detached), so the ratio is exactly 1
-                    old = rollout.old_logprobs[samples] if rollout.old_logprobs is not None else logprobs.detach()
+                    logits = logits.float() / config.temperature  # (n, T, V): the distribution that sampled
+                    logprobs = token_logprobs(logits, rollout.completion_ids[samples])  # log pi_theta, (n, T)
+                    # pi_old: with mu = 1 it is pi_theta itself (detached), so the ratio is exactly 1
+                    old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[samples]
                     loss, stats = grpo_loss(logprobs, old, rollout.ref_logprobs[samples], rollout.advantages[samples],
                                             rollout.mask[samples], config.epsilon, config.beta, config.epsilon_high,
-                                            config.loss_type, config.max_new_tokens)  # ALGO: clipped surrogate + KL
-                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask,
-                                                world_token_count, world_size)
+                                            config.loss_type, config.max_new_tokens)
+                    weight = micro_batch_weight(config.loss_type, rollout.mask[samples], rollout.mask, *world_tokens)
+                    if iteration == 0:  # the entropy of the policy that sampled, for the logs
+                        stats["entropy"] = token_entropy(logits)  # (n, T)
                 with timer("time_backward"):
-                    (loss * weight).backward()  # ALGO
+                    (loss * weight).backward()
             step_loss += loss.item() * weight
-            tokens = rollout.mask[samples].sum().item()
-            totals["kl"] += stats["kl"].item() * tokens / token_total / config.num_iterations
-            for key in ("clip_fraction", "clip_fraction_low", "clip_fraction_high"):
-                totals[key] += stats[key].item() * tokens / token_total / config.num_iterations
+            add_update_stats(totals, stats, rollout.mask, samples, config.num_iterations)
         with timer("time_optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()  # ALGO
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                optimizer.step()  # ALGO
+                optimizer.step()
                 scheduler.step()
             else:
                 totals["nonfinite_updates"] += 1
-                optimizer.zero_grad(set_to_none=True)
         totals["loss"] += step_loss / config.num_iterations
         totals["grad_norm"] += grad_norm / config.num_iterations
     return dict(totals)
@@ -599,10 +504,10 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
 # GRPO step 4/4: rollout, reference (and old) log-probs, update
 # --------------------------------------------------------------------------------------------------
 def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, optimizer, scheduler,
-              config: Config, device) -> dict[str, float]:
+              config: Config, device) -> dict:
     """One GRPO step on a batch of articles: rollout and rewards, reference (and old) log-probs, mu updates.
 
-    Returns this process's numbers for metrics.jsonl, including the seconds spent in each phase.
+    Returns this process's numbers for metrics.jsonl (with the seconds of each phase), and its samples.
     """
     timer, started = PhaseTimer(device), time.perf_counter()
     rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
@@ -617,11 +522,332 @@ def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, 
     numbers["generated_tokens"] = float(rollout.mask.sum())
     update_seconds = sum(timer.seconds[k] for k in ("time_forward", "time_backward", "time_optimizer"))
     return {**numbers, **timer.seconds, "time_update": update_seconds, "seconds": time.perf_counter() - started,
-            "completions": rollout_stats["completions"]}
+            "samples": rollout_stats["samples"]}
 
 
 # --------------------------------------------------------------------------------------------------
-# Model glue: policy, reference, LoRA, an encoder-once forward, generation settings
+# Model glue: an encoder-once forward with shared cross-attention, micro-batches, modes and tokens
+# --------------------------------------------------------------------------------------------------
+class GroupedSeq2Seq(torch.nn.Module):
+    """Teacher-forced forward of an encoder-decoder where each article has `group_size` decoder rows.
+
+    The encoder runs once per article; its output is repeated to the G samples, so gradients from all G reach the
+    encoder through that single pass. Wrapping this module (not the bare model) in DDP keeps every scoring pass a
+    normal DDP forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, group_size: int) -> torch.Tensor:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        cache = shared_cross_attention_cache(self.model, hidden, attention_mask, decoder_input_ids[::group_size, :1],
+                                             group_size)
+        outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
+            attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
+            decoder_input_ids=decoder_input_ids, cache=cache, use_cache=cache is not None,
+        )
+        return outputs.logits  # (B*G, T, V)
+
+
+def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                                 start_ids: torch.Tensor, group_size: int):
+    """An EncoderDecoderCache whose cross-attention keys/values are projected once per article, repeated to G.
+
+    hidden (B, S, d), attention_mask (B, S), start_ids (B, 1). One decoder step at batch B fills the model's own
+    cross-attention cache ((B, heads, S, d_head) per layer); repeated to B*G rows, a teacher-forced pass over
+    (B*G, T) reads them instead of projecting the article G times (gradients flow through them as before).
+    None (the plain path) for G = 1 and in train mode, where dropout and layerdrop draw anew per sample.
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if group_size == 1 or model.training:
+        return None
+    primed = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
+          decoder_input_ids=start_ids, cache=primed, use_cache=True)
+    cross = [(keys.repeat_interleave(group_size, dim=0), values.repeat_interleave(group_size, dim=0))
+             for keys, values, *_ in primed.cross_attention_cache]
+    return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
+
+
+def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
+    """(article slice, sample slice) pairs of whole groups, micro_batch_size samples at most each."""
+    articles_per_micro_batch = max(1, micro_batch_size // group_size)
+    for start in range(0, num_articles, articles_per_micro_batch):
+        stop = min(start + articles_per_micro_batch, num_articles)
+        yield slice(start, stop), slice(start * group_size, stop * group_size)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block, its own mode after it (sampling needs the KV cache, which
+    transformers turns off in train mode under gradient checkpointing)."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forced_bos_token_id(model) -> int | None:
+    """The token the checkpoint forces as the first generated one (BART-large, mBART), else None."""
+    for source in (model.generation_config, model.config):
+        token = getattr(source, "forced_bos_token_id", None)
+        if token is not None:
+            return token
+    return None
+
+
+def decoder_start_token_id(model) -> int:
+    """The token every decoder sequence starts with (eos for BART, pad for T5)."""
+    token = model.config.decoder_start_token_id
+    return model.generation_config.decoder_start_token_id if token is None else token
+
+
+# --------------------------------------------------------------------------------------------------
+# THE REWARD: edit compute_rewards to change what GRPO optimizes (e.g. add a length penalty)
+# --------------------------------------------------------------------------------------------------
+def compute_rewards(predictions: list[str], references: list[str], articles: list[str], config: Config) -> list[float]:
+    """The reward of each sampled summary. This is the one place to plug in another reward.
+
+    Contract:
+      inputs   predictions[i] is a summary sampled for articles[i], whose reference summary is references[i];
+               the G samples of an article are consecutive and share its article and reference.
+               config is the run's Config (for weights or other settings you add to it).
+      output   one finite float per prediction, larger is better. Advantages compare the G samples of an
+               article, so a constant offset changes nothing (with --scale_rewards=batch the spread between
+               articles sets the scale; with group or none only differences within a group matter).
+      called   once per rollout, on every process for its own articles, never inside the mu updates.
+    Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
+    """
+    return rouge_rewards(predictions, references, reward_weights(config))
+
+
+def reward_weights(config: Config) -> dict[str, float]:
+    """The reward's ROUGE weights from the config, normalized to sum to 1."""
+    weights = {key: getattr(config, f"{key}_weight") for key in ROUGE_KEYS}
+    total = sum(weights.values())
+    return {key: weight / total for key, weight in weights.items()}
+
+
+def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
+    """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
+    weights = weights or reward_weights(Config())
+    scores = rouge_f1(predictions, references)
+    return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
+
+
+# --------------------------------------------------------------------------------------------------
+# SFT warm-up: teacher-forced cross-entropy on the reference summaries
+# --------------------------------------------------------------------------------------------------
+def sft_labels(tokenizer, summaries: list[str], max_length: int) -> torch.Tensor:
+    """Token ids of the reference summaries (B, T), with -100 at padding positions (by the attention mask, not by
+    pad_token_id, so the EOS targets stay when pad == eos). Targets start after the decoder start token."""
+    encoded = tokenizer(text_target=summaries, max_length=max_length, truncation=True, padding=True,
+                        return_tensors="pt")
+    return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)  # (B, T)
+
+
+def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log,
+               held_out=None, curve_file: str | None = None) -> list[dict]:
+    """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward.
+
+    With sft_eval_every > 0 and held_out rows, the held-out ROUGE every sft_eval_every steps before the last (the
+    caller evaluates the end), so one can see whether SFT had stopped improving. Returns those evaluations, and
+    appends each to curve_file (if given) as soon as it is made.
+    """
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate,
+                                  fused=fused_adamw(device))
+    scheduler = get_scheduler(config.sft_lr_scheduler, optimizer, min(config.warmup_steps, config.sft_steps),
+                              config.sft_steps)
+    policy.train()
+    curve = []
+    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
+    for step in progress:
+        rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
+        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
+        labels = sft_labels(tokenizer, rows[config.summary_column], config.max_new_tokens).to(device)
+        decoder_input_ids = policy.prepare_decoder_input_ids_from_labels(labels=labels)
+        with autocast(device):
+            logits = policy_forward(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, 1)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        scored_now = config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 and step + 1 < config.sft_steps
+        if scored_now and held_out is not None and len(held_out):
+            with eval_mode(policy):
+                metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
+            curve.append({"sft_step": step + 1, "loss": loss.item(), **metrics})
+            if curve_file:
+                append_jsonl(curve_file, curve[-1])
+            log(f"sft step {step + 1}: " + format_scores(metrics))
+    set_grpo_mode(policy, config)
+    log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
+    return curve
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: greedy (or the checkpoint's own) decoding on held-out articles, ROUGE F1 with 95% CIs
+# --------------------------------------------------------------------------------------------------
+def score_summaries(predictions: list[str], references: list[str], seed: int) -> tuple[dict, dict[str, list[float]]]:
+    """ROUGE-1/2/L/Lsum F1 of each summary, and the metrics: each mean with <key>_ci_low / <key>_ci_high.
+
+    Returns (metrics, per-article scores). Every interval uses the same seed, so it reproduces.
+    """
+    scores = rouge_f1(predictions, references)
+    metrics = {}
+    for key, values in scores.items():
+        metrics[key] = float(np.mean(values))
+        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = bootstrap_ci(values, seed)
+    return metrics, scores
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict], list[dict]]:
+    """Summaries of the held-out articles (split across processes; decoding by evaluation_settings), scored with
+    ROUGE F1.
+
+    Returns (metrics: rouge1, rouge2, rougeL, rougeLsum with 95% bootstrap intervals, gen_length and ref_length
+    in words, distinct_fraction; examples; per-article records: index, reference, prediction and scores).
+    """
+    settings = evaluation_settings(policy, tokenizer, config)
+    mine = list(range(dist.rank, len(held_out), dist.world_size))
+    predictions = []
+    for start in range(0, len(mine), config.eval_batch_size):
+        rows = held_out[mine[start:start + config.eval_batch_size]]
+        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
+        with autocast(device):
+            output = generate(policy, encoded, settings)
+        predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
+    predictions = dist.gather_in_order(list(zip(mine, predictions)))
+    articles, references = held_out[config.text_column], held_out[config.summary_column]
+    metrics, scores = score_summaries(predictions, references, config.seed)
+    metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
+    metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
+    metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
+    metrics.update(summary_quality(predictions, references, articles))
+    examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
+                for i in range(min(config.num_examples, len(predictions)))]
+    per_article = [{"index": i, "reference": references[i], "prediction": predictions[i],
+                    **{key: scores[key][i] for key in ROUGE_KEYS}} for i in range(len(predictions))]
+    return metrics, examples, per_article
+
+
+# --------------------------------------------------------------------------------------------------
+# The main loop: build the run, then batch -> grpo_step -> log -> evaluate/save
+# --------------------------------------------------------------------------------------------------
+def train(config: Config, given: set[str] = frozenset()) -> int:
+    """The whole run: set it up, then per step: a batch -> grpo_step -> log -> evaluate / save.
+
+    Returns the exit code: 0, or 130 after Ctrl-C / 143 after SIGTERM, with a checkpoint saved.
+    """
+    config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
+    run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state if resumed
+    stop, progress = StopRequest(log), tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main,
+                                                initial=run.state.step)
+    try:
+        if run.state.step == 0:
+            evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
+        for step in range(run.state.step + 1, config.max_steps + 1):
+            # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
+            indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
+                                    dist.world_size)
+            rows = run.train_rows[indices]
+            # 2. GRPO: sample G summaries per article, reward them, score them under pi_ref, update pi_theta
+            numbers = grpo_step(run.policy, run.policy_forward, run.reference_forward, run.tokenizer, rows,
+                                run.optimizer, run.scheduler, config, dist.device)
+            # 3. log: metrics.jsonl (and trackers, completions.jsonl); stop after too many NaN steps in a row
+            metrics = log_step(run, step, indices, rows, numbers)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+            # 4. held-out ROUGE every eval_every steps (best/ follows it), a checkpoint every save_every steps
+            if step % config.eval_every == 0 or step == config.max_steps:
+                evaluate_and_log(run, step)
+            interrupted = dist.any(stop.requested)  # Ctrl-C or SIGTERM on any process
+            if step % config.save_every == 0 or step == config.max_steps or interrupted:
+                save_run_checkpoint(run)
+            if interrupted:
+                return stopped_early(run, stop)
+    finally:
+        stop.restore()
+        progress.close()
+        run.trackers.close()
+    finish_run(run)  # final/, curves.png, the demo's comparison
+    return 0
+
+
+def build_run(config: Config, dist: "Distributed", log) -> Run:
+    """Data, the policy (after SFT, with LoRA adapters if asked), pi_ref, AdamW and the lr schedule; on --resume,
+    the newest checkpoint's weights, optimizer, schedule, counters and random state (resume_run)."""
+    from transformers import get_scheduler
+
+    device = dist.device
+    checkpoint = checkpoint_to_resume(config, log)  # None for a fresh run; a resume's flags are checked first
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed + dist.rank)  # different samples on every process
+    train_rows, held_out = load_data(config, log)
+    policy, tokenizer = load_policy_and_tokenizer(config, device)
+    set_grpo_mode(policy, config)
+    policy_forward = None if config.lora_r > 0 else training_forward(policy, config, dist)  # LoRA: after SFT
+    reference_dir = os.path.join(config.output_dir, "reference")
+    if dist.is_main:  # once data and model have loaded (a bad data file leaves no "earlier run" behind)
+        write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
+    if checkpoint is None and config.sft_steps > 0:
+        sft_warmup(policy_forward or training_forward(policy, config, dist), policy, tokenizer, train_rows, config,
+                   device, dist, log, held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None)
+        if dist.is_main:  # pi_ref for a resumed run (with LoRA: the base the adapter of final/adapter applies to)
+            save_pretrained_atomic(policy, tokenizer, reference_dir)
+    if config.lora_r > 0:  # adapters after SFT: switched off, they give the post-SFT model, pi_ref (no copy)
+        policy = add_lora(policy, config)
+        set_grpo_mode(policy, config)
+        policy_forward, reference_forward = training_forward(policy, config, dist), AdaptersDisabled(policy)
+        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        log(f"lora: training {trained:,} of {sum(p.numel() for p in policy.parameters()):,} parameters")
+    else:  # pi_ref: the policy as GRPO starts (after SFT); a resumed run reads it back from reference/
+        reference = load_saved_model(reference_dir, config, device) if checkpoint and os.path.isdir(reference_dir) \
+            else policy
+        reference_forward = GroupedSeq2Seq(frozen_copy(reference))
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=fused_adamw(device))
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
+    run = Run(config, dist, log, train_rows, held_out, policy, tokenizer, policy_forward, reference_forward,
+              optimizer, scheduler, TrainerState(), None)
+    if checkpoint:
+        resume_run(run, checkpoint)
+    run.trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), run.state.step + 1)
+    return run
+
+
+# ==================================================================================================
+# PLUMBING: everything below serves the algorithm above (model loading, the run's bookkeeping, flags,
+# data files, checkpoint files, processes, ROUGE internals, the demo world, the benchmark).
+# A first reading can stop here.
+# ==================================================================================================
+
+
+# --------------------------------------------------------------------------------------------------
+# Model loading: policy and tokenizer, LoRA, pi_ref, modes; decoding settings; the compiled sampler step
 # --------------------------------------------------------------------------------------------------
 def load_policy_and_tokenizer(config: Config, device: torch.device):
     """The policy (fp32 master weights) and its tokenizer, with one clear line when either cannot be loaded."""
@@ -714,19 +940,6 @@ def set_grpo_mode(policy, config: Config) -> None:
         policy.eval()
 
 
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode inside the block, its own mode after it. For sampling: set_grpo_mode keeps train mode
-    under gradient checkpointing (every dropout at 0, so eval is the same function), where transformers would turn
-    the KV cache off."""
-    training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(training)
-
-
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the model in eval mode with no gradients: the reference pi_ref."""
     import copy
@@ -736,56 +949,61 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
-class GroupedSeq2Seq(torch.nn.Module):
-    """Teacher-forced forward of an encoder-decoder where each article has `group_size` decoder rows.
-
-    The encoder runs once per article; its output is repeated to the G samples, so gradients from all G
-    reach the encoder through that single pass. Wrapping this module (not the bare model) in DDP keeps
-    every scoring pass a normal DDP forward.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids, group_size: int) -> torch.Tensor:
-        from transformers.modeling_outputs import BaseModelOutput
-
-        hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        cache = shared_cross_attention_cache(self.model, hidden, attention_mask, decoder_input_ids[::group_size, :1],
-                                             group_size)
-        outputs = self.model(  # hidden (B, S, d) -> (B*G, S, d); decoder_input_ids (B*G, T)
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group_size, dim=0)),
-            attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
-            decoder_input_ids=decoder_input_ids, cache=cache, use_cache=cache is not None,
-        )
-        return outputs.logits  # (B*G, T, V)
+def training_forward(model, config: Config, dist: "Distributed") -> torch.nn.Module:
+    """The training forward: GroupedSeq2Seq(model), compiled (--compile) and/or DDP-wrapped (torchrun) as asked."""
+    forward = GroupedSeq2Seq(model)
+    if config.compile:
+        forward = torch.compile(forward)
+    if dist.world_size > 1:
+        device = dist.device
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
+    return forward
 
 
-def shared_cross_attention_cache(model, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                                 start_ids: torch.Tensor, group_size: int):
-    """An EncoderDecoderCache whose cross-attention keys/values are projected once per article, repeated to G.
+def load_saved_model(directory: str, config: Config, device: torch.device):
+    """A model written by save_pretrained_atomic (a resumed run's pi_ref), in fp32 on device."""
+    from transformers import AutoModelForSeq2SeqLM
 
-    hidden (B, S, d), attention_mask (B, S), start_ids (B, 1) the decoder start tokens. One decoder step at
-    batch B makes the model fill its own cross-attention cache (keys/values (B, heads, S, d_head) per layer);
-    those are repeated to the B*G samples (a copy: row b*G + g cannot be a strided view of row b) in a cache
-    with an empty self-attention part, so a teacher-forced pass over (B*G, T) reads them instead of projecting
-    the article G times. Gradients flow through them to the encoder and the projections as before.
-    None (the plain path) for G = 1, and in train mode: there dropout and layerdrop draw anew for every sample
-    and pass, which one shared projection cannot reproduce (and gradient checkpointing, which keeps the model in
-    train mode, turns the cache off). GRPO scores in eval mode, so its passes share.
-    """
-    from transformers import DynamicCache, EncoderDecoderCache
-    from transformers.modeling_outputs import BaseModelOutput
+    return AutoModelForSeq2SeqLM.from_pretrained(directory, dtype=torch.float32,
+                                                 trust_remote_code=config.trust_remote_code).to(device)
 
-    if group_size == 1 or model.training:
-        return None
-    primed = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
-          decoder_input_ids=start_ids, cache=primed, use_cache=True)
-    cross = [(keys.repeat_interleave(group_size, dim=0), values.repeat_interleave(group_size, dim=0))
-             for keys, values, *_ in primed.cross_attention_cache]
-    return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
+
+def sampler_step_function(config: Config):
+    """The sampler's decoder step: the plain one, or with --compile_sampler a compiled one with a static cache."""
+    return StaticCacheDecoderStep(config.max_new_tokens, compiled=True) if config.compile_sampler else decoder_step
+
+
+class StaticCacheDecoderStep:
+    """decoder_step with the self-attention keys/values in a transformers StaticCache of max_new_tokens positions,
+    so that every step has the same shapes; compiled=True runs it through torch.compile(mode="reduce-overhead"),
+    which replays each step as a CUDA graph on CUDA (--compile_sampler). Same tokens as decoder_step (tested)."""
+
+    def __init__(self, max_new_tokens: int, compiled: bool = False):
+        self.max_new_tokens = max_new_tokens
+        self.step = compiled_decoder_step() if compiled else decoder_step
+
+    def __call__(self, model, encoder_outputs, attention_mask, token, cache) -> torch.Tensor:
+        from transformers import StaticCache
+
+        if not isinstance(cache.self_attention_cache, StaticCache):  # first step: move the keys/values over
+            static = StaticCache(config=model.config, max_cache_len=self.max_new_tokens)
+            for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
+                static.update(keys, values, layer)
+            cache.self_attention_cache = static
+        return self.step(model, encoder_outputs, attention_mask, token, cache).clone()  # a graph's output is reused
+
+
+@lru_cache(maxsize=1)
+def compiled_decoder_step():
+    """decoder_step under torch.compile(mode="reduce-overhead"): on CUDA, each step replays a CUDA graph."""
+    return torch.compile(decoder_step, mode="reduce-overhead", dynamic=False)
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW can run fused (one kernel over all parameters, same math): on CUDA and, since torch 2.4, CPU."""
+    torch_version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    return device.type == "cuda" or (device.type == "cpu" and torch_version >= (2, 4))
 
 
 def generation_settings(model, tokenizer, config: Config, sample: bool):
@@ -827,144 +1045,6 @@ def generate(model, encoded: dict, settings) -> torch.Tensor:
         model.generation_config = saved
 
 
-def forced_bos_token_id(model) -> int | None:
-    """The token the checkpoint forces as the first generated one (BART-large, mBART), else None."""
-    for source in (model.generation_config, model.config):
-        token = getattr(source, "forced_bos_token_id", None)
-        if token is not None:
-            return token
-    return None
-
-
-def decoder_start_token_id(model) -> int:
-    """The token every decoder sequence starts with (eos for BART, pad for T5)."""
-    token = model.config.decoder_start_token_id
-    return model.generation_config.decoder_start_token_id if token is None else token
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (weights stay fp32), nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def micro_batches(num_articles: int, group_size: int, micro_batch_size: int):
-    """(article slice, sample slice) pairs of whole groups, micro_batch_size samples at most each."""
-    articles_per_micro_batch = max(1, micro_batch_size // group_size)
-    for start in range(0, num_articles, articles_per_micro_batch):
-        stop = min(start + articles_per_micro_batch, num_articles)
-        yield slice(start, stop), slice(start * group_size, stop * group_size)
-
-
-def fused_adamw(device: torch.device) -> bool:
-    """Whether AdamW can run fused (one kernel over all parameters, same math): on CUDA and, since torch 2.4, CPU."""
-    torch_version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
-    return device.type == "cuda" or (device.type == "cpu" and torch_version >= (2, 4))
-
-
-# --------------------------------------------------------------------------------------------------
-# THE REWARD: edit compute_rewards to change what GRPO optimizes (e.g. add a length penalty)
-# --------------------------------------------------------------------------------------------------
-def compute_rewards(predictions: list[str], references: list[str], articles: list[str], config: Config) -> list[float]:
-    """The reward of each sampled summary. This is the one place to plug in another reward.
-
-    Contract:
-      inputs   predictions[i] is a summary sampled for articles[i], whose reference summary is references[i];
-               the G samples of an article are consecutive and share its article and reference.
-               config is the run's Config (for weights or other settings you add to it).
-      output   one finite float per prediction, larger is better. Advantages compare the G samples of an
-               article, so a constant offset changes nothing (with --scale_rewards=batch the spread between
-               articles sets the scale; with group or none only differences within a group matter).
-      called   once per rollout, on every process for its own articles, never inside the mu updates.
-    Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
-    """
-    return rouge_rewards(predictions, references, reward_weights(config))
-
-
-def reward_weights(config: Config) -> dict[str, float]:
-    """The reward's ROUGE weights from the config, normalized to sum to 1."""
-    weights = {key: getattr(config, f"{key}_weight") for key in ROUGE_KEYS}
-    total = sum(weights.values())
-    return {key: weight / total for key, weight in weights.items()}
-
-
-def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
-    """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
-    weights = weights or reward_weights(Config())
-    scores = rouge_f1(predictions, references)
-    return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
-
-
-def checked_rewards(rewards, predictions: list[str]) -> list[float]:
-    """compute_rewards' output, checked against its contract: one finite float per prediction."""
-    rewards = [float(r) for r in rewards]
-    if len(rewards) != len(predictions) or not all(math.isfinite(r) for r in rewards):
-        bad = next((r for r in rewards if not math.isfinite(r)), None)
-        raise UserError(f"compute_rewards returned {len(rewards)} rewards for {len(predictions)} summaries"
-                        + (f", including {bad}" if bad is not None else "")
-                        + "; it must return one finite float per summary")
-    return rewards
-
-
-# --------------------------------------------------------------------------------------------------
-# SFT warm-up: teacher-forced cross-entropy on the reference summaries
-# --------------------------------------------------------------------------------------------------
-def sft_labels(tokenizer, summaries: list[str], max_length: int) -> torch.Tensor:
-    """Token ids of the reference summaries (B, T), with -100 at padding positions (by the attention mask, not by
-    pad_token_id, so the EOS targets stay when pad == eos). Targets start after the decoder start token."""
-    encoded = tokenizer(text_target=summaries, max_length=max_length, truncation=True, padding=True,
-                        return_tensors="pt")
-    return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)  # (B, T)
-
-
-def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log,
-               held_out=None, curve_file: str | None = None) -> list[dict]:
-    """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward.
-
-    With sft_eval_every > 0 and held_out rows, the held-out ROUGE every sft_eval_every steps before the last (the
-    caller evaluates the end), so one can see whether SFT had stopped improving. Returns those evaluations, and
-    appends each to curve_file (if given) as soon as it is made.
-    """
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.sft_learning_rate,
-                                  fused=fused_adamw(device))
-    scheduler = get_scheduler(config.sft_lr_scheduler, optimizer, min(config.warmup_steps, config.sft_steps),
-                              config.sft_steps)
-    policy.train()
-    curve = []
-    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
-    for step in progress:
-        rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
-        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
-        labels = sft_labels(tokenizer, rows[config.summary_column], config.max_new_tokens).to(device)
-        decoder_input_ids = policy.prepare_decoder_input_ids_from_labels(labels=labels)
-        with autocast(device):
-            logits = policy_forward(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, 1)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        scored_now = config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 and step + 1 < config.sft_steps
-        if scored_now and held_out is not None and len(held_out):
-            with eval_mode(policy):
-                metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
-            curve.append({"sft_step": step + 1, "loss": loss.item(), **metrics})
-            if curve_file:
-                append_jsonl(curve_file, curve[-1])
-            log(f"sft step {step + 1}: " + format_scores(metrics))
-    set_grpo_mode(policy, config)
-    log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
-    return curve
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation: greedy (or the checkpoint's own) decoding on held-out articles, ROUGE F1 with 95% CIs
-# --------------------------------------------------------------------------------------------------
 def evaluation_settings(model, tokenizer, config: Config):
     """Decoding for evaluation: greedy (the rollout's settings without sampling), or with --eval_decoding=checkpoint
     the model's own generation_config (num_beams, length_penalty, no_repeat_ngram_size, min/max_length,
@@ -979,189 +1059,6 @@ def evaluation_settings(model, tokenizer, config: Config):
     if settings.eos_token_id is None:
         settings.eos_token_id = tokenizer.eos_token_id
     return settings
-
-
-def score_summaries(predictions: list[str], references: list[str], seed: int) -> tuple[dict, dict[str, list[float]]]:
-    """ROUGE-1/2/L/Lsum F1 of each summary, and the metrics: each mean with <key>_ci_low / <key>_ci_high.
-
-    Returns (metrics, per-article scores). Every interval uses the same seed, so it reproduces.
-    """
-    scores = rouge_f1(predictions, references)
-    metrics = {}
-    for key, values in scores.items():
-        metrics[key] = float(np.mean(values))
-        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = bootstrap_ci(values, seed)
-    return metrics, scores
-
-
-@torch.no_grad()
-def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distributed") -> tuple[dict, list[dict], list[dict]]:
-    """Summaries of the held-out articles (split across processes; decoding by evaluation_settings), scored with
-    ROUGE F1.
-
-    Returns (metrics: rouge1, rouge2, rougeL, rougeLsum with 95% bootstrap intervals, gen_length and ref_length
-    in words, distinct_fraction; examples; per-article records: index, reference, prediction and scores).
-    """
-    settings = evaluation_settings(policy, tokenizer, config)
-    mine = list(range(dist.rank, len(held_out), dist.world_size))
-    predictions = []
-    for start in range(0, len(mine), config.eval_batch_size):
-        rows = held_out[mine[start:start + config.eval_batch_size]]
-        encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
-        with autocast(device):
-            output = generate(policy, encoded, settings)
-        predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
-    predictions = dist.gather_in_order(list(zip(mine, predictions)))
-    articles, references = held_out[config.text_column], held_out[config.summary_column]
-    metrics, scores = score_summaries(predictions, references, config.seed)
-    metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
-    metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
-    metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
-    metrics.update(summary_quality(predictions, references, articles))
-    examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
-                for i in range(min(config.num_examples, len(predictions)))]
-    per_article = [{"index": i, "reference": references[i], "prediction": predictions[i],
-                    **{key: scores[key][i] for key in ROUGE_KEYS}} for i in range(len(predictions))]
-    return metrics, examples, per_article
-
-
-# --------------------------------------------------------------------------------------------------
-# The main loop: build the run, then batch -> grpo_step -> log -> evaluate/save
-# --------------------------------------------------------------------------------------------------
-def train(config: Config, given: set[str] = frozenset()) -> int:
-    """The whole run: set it up, then per step: a batch -> grpo_step -> log -> evaluate / save.
-
-    Returns the exit code: 0, or 130 after Ctrl-C / 143 after SIGTERM, with a checkpoint saved.
-    """
-    config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
-    run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state if resumed
-    stop, progress = StopRequest(log), tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main,
-                                                initial=run.state.step)
-    try:
-        if run.state.step == 0:
-            evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
-        for step in range(run.state.step + 1, config.max_steps + 1):
-            # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
-            indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
-                                    dist.world_size)
-            rows = run.train_rows[indices]
-            # 2. GRPO: sample G summaries per article, reward them, score them under pi_ref, update pi_theta
-            numbers = grpo_step(run.policy, run.policy_forward, run.reference_forward, run.tokenizer, rows,
-                                run.optimizer, run.scheduler, config, dist.device)
-            # 3. log: metrics.jsonl (and trackers, completions.jsonl); stop after too many NaN steps in a row
-            metrics = log_step(run, step, indices, rows, numbers)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-            # 4. held-out ROUGE every eval_every steps (best/ follows it), a checkpoint every save_every steps
-            if step % config.eval_every == 0 or step == config.max_steps:
-                evaluate_and_log(run, step)
-            interrupted = dist.any(stop.requested)  # Ctrl-C or SIGTERM on any process
-            if step % config.save_every == 0 or step == config.max_steps or interrupted:
-                save_run_checkpoint(run)
-            if interrupted:
-                return stopped_early(run, stop)
-    finally:
-        stop.restore()
-        progress.close()
-        run.trackers.close()
-    finish_run(run)  # final/, curves.png, the demo's comparison
-    return 0
-
-
-@dataclass
-class Run:
-    """What a GRPO run holds, built by build_run (the loop above, the benchmark and the tests use it)."""
-
-    config: Config
-    dist: "Distributed"
-    log: typing.Callable[[str], None]
-    train_rows: "datasets.Dataset"
-    held_out: "datasets.Dataset"  # eval_samples rows (none with --eval_samples=0)
-    policy: torch.nn.Module  # pi_theta (a peft model with LoRA)
-    tokenizer: typing.Any
-    policy_forward: torch.nn.Module  # GroupedSeq2Seq(policy), compiled and/or DDP-wrapped as asked
-    reference_forward: torch.nn.Module  # pi_ref: a frozen copy, or the policy with its adapters off (LoRA)
-    optimizer: torch.optim.Optimizer
-    scheduler: typing.Any
-    state: TrainerState
-    trackers: "Trackers"
-
-
-def build_run(config: Config, dist: "Distributed", log) -> Run:
-    """Data, the policy (after SFT, with LoRA adapters if asked), pi_ref, AdamW and the lr schedule; on --resume the
-    newest checkpoint's weights, optimizer, schedule, counters and random state."""
-    from transformers import get_scheduler
-
-    device = dist.device
-    checkpoints = checkpoint_files(config.output_dir) if config.resume else []
-    if config.resume and not checkpoints:
-        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
-                        "--resume (add --overwrite_output_dir=True if the directory holds an earlier run)")
-    if checkpoints:  # before any data or model loads: stop a resume that would change the run
-        check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed + dist.rank)  # different samples on every process
-    train_rows, held_out = load_data(config, log)
-    policy, tokenizer = load_policy_and_tokenizer(config, device)
-    set_grpo_mode(policy, config)
-
-    def forward_of(model):  # the training forward: compiled and/or DDP-wrapped as asked
-        forward = GroupedSeq2Seq(model)
-        if config.compile:
-            forward = torch.compile(forward)
-        if dist.world_size > 1:
-            forward = torch.nn.parallel.DistributedDataParallel(
-                forward, device_ids=[device.index] if device.type == "cuda" else None)
-        return forward
-
-    policy_forward = None if config.lora_r > 0 else forward_of(policy)  # LoRA: built once the adapters are on
-    reference_dir = os.path.join(config.output_dir, "reference")
-    if dist.is_main:  # once data and model have loaded (a bad data file leaves no "earlier run" behind)
-        write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
-    if not checkpoints and config.sft_steps > 0:
-        sft_warmup(policy_forward or forward_of(policy), policy, tokenizer, train_rows, config, device, dist, log,
-                   held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None)
-        if dist.is_main:  # pi_ref for a resumed run (with LoRA: the base the adapter of final/adapter applies to)
-            save_pretrained_atomic(policy, tokenizer, reference_dir)
-    if config.lora_r > 0:  # adapters after SFT: switched off, they give the post-SFT model, pi_ref (no copy)
-        policy = add_lora(policy, config)
-        set_grpo_mode(policy, config)
-        policy_forward = forward_of(policy)
-        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        log(f"lora: training {trained:,} of {sum(p.numel() for p in policy.parameters()):,} parameters")
-        reference_forward = AdaptersDisabled(policy)
-    elif checkpoints and os.path.isdir(reference_dir):
-        from transformers import AutoModelForSeq2SeqLM
-
-        reference_forward = GroupedSeq2Seq(frozen_copy(AutoModelForSeq2SeqLM.from_pretrained(
-            reference_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code).to(device)))
-    else:
-        reference_forward = GroupedSeq2Seq(frozen_copy(policy))  # pi_ref: the policy as GRPO starts (after SFT)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay, fused=fused_adamw(device))
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
-    state = TrainerState()
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, dist.rank)
-        old_lr, new_lr = continue_lr_schedule(scheduler, optimizer)
-        if old_lr != new_lr:
-            log(f"--max_steps={config.max_steps}: the {config.lr_scheduler} schedule now runs over {config.max_steps} "
-                f"steps; the next update uses lr {new_lr:.4g} (the schedule's value at step {state.step}), not {old_lr:.4g}")
-        if dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
-            for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl",
-                         "completions.jsonl"):
-                keep_lines_up_to(os.path.join(config.output_dir, name), state.step)
-        log(f"resumed from {checkpoints[-1]} at step {state.step}")
-    trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), state.step + 1)
-    return Run(config, dist, log, train_rows, held_out, policy, tokenizer, policy_forward, reference_forward,
-               optimizer, scheduler, state, trackers)
-
-
-# ==================================================================================================
-# PLUMBING: everything below serves the algorithm above (flags, data files, checkpoint files,
-# processes, ROUGE internals, the demo world, the benchmark). A first reading can stop here.
-# ==================================================================================================
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1206,15 +1103,79 @@ def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed
     return config, dist, log
 
 
+@dataclass
+class Run:
+    """What a GRPO run holds, built by build_run (the loop above, the benchmark and the tests use it)."""
+
+    config: Config
+    dist: "Distributed"
+    log: typing.Callable[[str], None]
+    train_rows: "datasets.Dataset"
+    held_out: "datasets.Dataset"  # eval_samples rows (none with --eval_samples=0)
+    policy: torch.nn.Module  # pi_theta (a peft model with LoRA)
+    tokenizer: typing.Any
+    policy_forward: torch.nn.Module  # GroupedSeq2Seq(policy), compiled and/or DDP-wrapped as asked
+    reference_forward: torch.nn.Module  # pi_ref: a frozen copy, or the policy with its adapters off (LoRA)
+    optimizer: torch.optim.Optimizer
+    scheduler: typing.Any
+    state: TrainerState
+    trackers: "Trackers"
+
+
+def checkpoint_to_resume(config: Config, log) -> str | None:
+    """With --resume: the newest checkpoint, after checking that the new flags would not change the run (before any
+    data or model loads). None for a fresh run."""
+    if not config.resume:
+        return None
+    checkpoints = checkpoint_files(config.output_dir)
+    if not checkpoints:
+        raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
+                        "--resume (add --overwrite_output_dir=True if the directory holds an earlier run)")
+    check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
+    return checkpoints[-1]
+
+
+def resume_run(run: Run, checkpoint: str) -> None:
+    """Load the checkpoint into the run (weights, optimizer, schedule, counters, random state) and cut the logs back
+    to its step, so a resumed run writes what the uninterrupted one would."""
+    config, log = run.config, run.log
+    run.state = load_checkpoint(checkpoint, run.policy, run.optimizer, run.scheduler, run.dist.rank)
+    old_lr, new_lr = continue_lr_schedule(run.scheduler, run.optimizer)
+    if old_lr != new_lr:
+        log(f"--max_steps={config.max_steps}: the {config.lr_scheduler} schedule now runs over {config.max_steps} "
+            f"steps; the next update uses lr {new_lr:.4g} (the schedule's value at step {run.state.step}), not {old_lr:.4g}")
+    if run.dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
+        for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl"):
+            keep_lines_up_to(os.path.join(config.output_dir, name), run.state.step)
+    log(f"resumed from {checkpoint} at step {run.state.step}")
+
+
+def checked_rewards(rewards, predictions: list[str]) -> list[float]:
+    """compute_rewards' output, checked against its contract: one finite float per prediction."""
+    rewards = [float(r) for r in rewards]
+    if len(rewards) != len(predictions) or not all(math.isfinite(r) for r in rewards):
+        bad = next((r for r in rewards if not math.isfinite(r)), None)
+        raise UserError(f"compute_rewards returned {len(rewards)} rewards for {len(predictions)} summaries"
+                        + (f", including {bad}" if bad is not None else "")
+                        + "; it must return one finite float per summary")
+    return rewards
+
+
+COMPLETION_ARTICLES = 2  # articles per logged step whose G samples go to completions.jsonl
+
+
 def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict) -> dict:
     """Count NaN/inf steps (stop after max_nonfinite_steps in a row), average the processes' numbers, and append
     them to metrics.jsonl (and the trackers); every log_completions_every steps, the samples to completions.jsonl."""
     config, dist, state, log = run.config, run.dist, run.state, run.log
-    completions = numbers.pop("completions")
+    samples, G = numbers.pop("samples"), config.group_size  # (summary, reward, advantage) of each sample
     if dist.is_main and config.log_completions_every and step % config.log_completions_every == 0:
-        for index, article, logged in zip(indices, rows[config.text_column], completions):
-            append_jsonl(os.path.join(config.output_dir, "completions.jsonl"),
-                         {"step": step, "article_index": index, "article": article, **logged})
+        for article in range(min(COMPLETION_ARTICLES, len(indices))):
+            append_jsonl(os.path.join(config.output_dir, "completions.jsonl"), {
+                "step": step, "article_index": indices[article], "article": rows[config.text_column][article],
+                "reference": rows[config.summary_column][article],
+                "samples": [{"summary": summary, "reward": reward, "advantage": advantage}
+                            for summary, reward, advantage in samples[article * G:(article + 1) * G]]})
     skipped = dist.any(numbers["nonfinite_updates"] == config.num_iterations)
     state.step = step
     state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
@@ -1281,6 +1242,12 @@ def finish_run(run: Run) -> None:
 # --------------------------------------------------------------------------------------------------
 # Flags: parsing and validation
 # --------------------------------------------------------------------------------------------------
+SFT_ONLY_FIELDS = frozenset({"sft_learning_rate", "sft_lr_scheduler", "sft_batch_size", "sft_eval_every"})
+TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --report_to name -> package it needs
+EVAL_SPLITS = ("validation", "test")  # --eval_split values
+EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
+
+
 class UserError(Exception):
     """A problem the user can fix (bad data, unreachable hub, ...): one line on stderr, exit code 1."""
 
@@ -2259,6 +2226,41 @@ def setup_distributed(config: Config) -> Distributed:
     return Distributed(rank, world_size, device)
 
 
+def batch_reward_std(rewards: torch.Tensor) -> torch.Tensor:
+    """Sample std of the rewards of the whole step: under torchrun, of every process's rewards together."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rewards.std()
+    parts = [torch.empty_like(rewards) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, rewards)  # every process has B*G rewards
+    return torch.cat(parts).std()
+
+
+def world_token_count(policy_forward, mask: torch.Tensor, loss_type: str) -> tuple[float | None, int]:
+    """(token count of the step on all processes, world size) for dapo under DDP; (None, 1) otherwise."""
+    if loss_type != "dapo" or not hasattr(policy_forward, "no_sync"):
+        return None, 1
+    count = mask.sum().double()
+    torch.distributed.all_reduce(count)  # once per rollout
+    return count.item(), torch.distributed.get_world_size()
+
+
+def gradient_sync(policy_forward, sync: bool):
+    """DDP syncs gradients in the backward of the last micro-batch only (no_sync before); nothing without DDP."""
+    return policy_forward.no_sync() if hasattr(policy_forward, "no_sync") and not sync else contextlib.nullcontext()
+
+
+def add_update_stats(totals: Counter, stats: dict, mask: torch.Tensor, samples: slice, num_iterations: int) -> None:
+    """Add a micro-batch's grpo_loss statistics to the update's totals, weighted by its share of the tokens (and
+    averaged over the mu updates); its entropy (first update only) as the mean over the step's tokens."""
+    token_total = mask.sum().clamp(min=1).item()
+    micro_mask = mask[samples]
+    if "entropy" in stats:
+        totals["entropy"] += (stats.pop("entropy") * micro_mask).sum().item() / token_total
+    tokens = micro_mask.sum().item()
+    for key, value in stats.items():  # kl, clip_fraction, clip_fraction_low, clip_fraction_high
+        totals[key] += value.item() * tokens / token_total / num_iterations
+
+
 def available_cpu_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation), not all the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -2514,6 +2516,15 @@ def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[fl
 # --------------------------------------------------------------------------------------------------
 # The demo world: invented news articles written to .jsonl, a tiny BART built from a config
 # --------------------------------------------------------------------------------------------------
+# The offline demo changes only these constants; the code path is the one a real run takes.
+DEMO_CONFIG = dict(
+    output_dir="runs/demo", max_source_length=160, max_new_tokens=40, group_size=8, batch_size=8,
+    micro_batch_size=64, temperature=0.7, learning_rate=1e-4, beta=0.02, warmup_steps=5,
+    lr_scheduler="constant_with_warmup", sft_steps=1200, sft_learning_rate=2e-3, sft_batch_size=32,
+    sft_eval_every=200, max_steps=150,
+    eval_every=50, eval_samples=200, eval_batch_size=100, save_every=50,
+)
+DEMO_TRAIN_ARTICLES = 4000  # synthetic training articles written by the demo
 FIRST = "Arlo Bryn Cora Dax Elin Fenn Greta Hale".split()
 LAST = "Abbot Brask Corrin Dale Elmsworth Fairley Gorse Hallam".split()
 TOWNS = "Ashgrove Bellmoor Carrow Dunmere Eastwick Fallowby Glenhollow Harrowdale".split()
@@ -2938,6 +2949,7 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
 # --------------------------------------------------------------------------------------------------
 # Benchmark: a fixed, seeded workload timed phase by phase (--benchmark)
 # --------------------------------------------------------------------------------------------------
+BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0, sft_eval_every=0)  # the demo's setup
 BENCHMARK_WARMUP_STEPS = 2  # steps run before timing starts (allocator and caches warm up)
 BART_VOCABULARY_SIZE = 50265  # vocabulary at which the two log-prob paths are compared
 
@@ -3019,35 +3031,9 @@ def time_scoring_choices(policy, tokenizer, rows: dict, config: Config, device) 
                     lambda: torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))}
 
 
-@contextlib.contextmanager
-def paths_before_sampler():
-    """For --benchmark's side-by-side step times: the rollout and scoring paths this script took before its own
-    sampler, i.e. rollouts by transformers' generate() (multinomial sampling, cross-attention keys/values
-    projected per sample) and scoring passes that project them per sample (no shared cache)."""
-    module = sys.modules[__name__]
-    saved = module.sample_completions, module.shared_cross_attention_cache
-
-    def generate_rollouts(model, input_ids, attention_mask, group_size, max_new_tokens, eos_token_id, pad_token_id,
-                          temperature, top_p, **unused):
-        from transformers import GenerationConfig
-
-        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos_token_id,
-                                    pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id(model),
-                                    forced_bos_token_id=forced_bos_token_id(model), do_sample=True,
-                                    num_return_sequences=group_size, temperature=temperature, top_p=top_p, top_k=0)
-        return generate(model, {"input_ids": input_ids, "attention_mask": attention_mask}, settings), None
-
-    module.sample_completions, module.shared_cross_attention_cache = generate_rollouts, lambda *args: None
-    try:
-        yield
-    finally:
-        module.sample_completions, module.shared_cross_attention_cache = saved
-
-
 def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     """GRPO steps on the demo's tiny model (untrained, so every sample runs to max_new_tokens) and data."""
     import resource
-    from transformers import get_scheduler
 
     device = dist.device
     run = build_run(config, dist, log)  # what train() builds: data, policy, pi_ref, fused AdamW and its schedule
@@ -3055,27 +3041,16 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     train_rows, policy, tokenizer = run.train_rows, run.policy, run.tokenizer
     policy_forward, reference_forward, optimizer, scheduler = (run.policy_forward, run.reference_forward,
                                                                run.optimizer, run.scheduler)
-    before_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],  # unfused, as before
-                                         lr=config.learning_rate, weight_decay=config.weight_decay)
-    before_scheduler = get_scheduler(config.lr_scheduler, before_optimizer, config.warmup_steps,
-                                     config.max_steps * config.num_iterations)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    totals, before_totals = Counter(), Counter()
+    totals = Counter()
     for step in range(BENCHMARK_WARMUP_STEPS + config.max_steps):
         rows = train_rows[batch_indices(step, config.batch_size, len(train_rows), config.seed)]
-        for paths, step_totals in ((contextlib.nullcontext(), totals), (paths_before_sampler(), before_totals)):
-            with paths:  # each step twice, with today's paths and the earlier ones, alternating
-                numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows,
-                                    optimizer if step_totals is totals else before_optimizer,
-                                    scheduler if step_totals is totals else before_scheduler, config, device)
-            if step >= BENCHMARK_WARMUP_STEPS:  # time_update is the sum of forward, backward, optimizer
-                step_totals.update({k: v for k, v in numbers.items() if k.startswith("time_") and k != "time_update"
-                                    or k in ("seconds", "generated_tokens")})
-    before_seconds = before_totals.pop("seconds")
-    before = {"before_steps_per_second": config.max_steps / before_seconds,
-              **{f"before_share_{k.removeprefix('time_')}": v / before_seconds
-                 for k, v in sorted(before_totals.items()) if k.startswith("time_")}}
+        numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler, config,
+                            device)
+        if step >= BENCHMARK_WARMUP_STEPS:  # time_update is the sum of forward, backward, optimizer
+            totals.update({k: v for k, v in numbers.items() if k.startswith("time_") and k != "time_update"
+                           or k in ("seconds", "generated_tokens")})
     seconds = totals.pop("seconds")
     result = {"device": str(device), "steps": config.max_steps, "batch_size": config.batch_size,
               "group_size": config.group_size, "max_new_tokens": config.max_new_tokens,
@@ -3087,7 +3062,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
               "generated_tokens_per_second": totals.pop("generated_tokens") / seconds,
               **{f"share_{k.removeprefix('time_')}": v / seconds for k, v in sorted(totals.items())},
               "peak_cpu_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    result.update(before, threads=torch.get_num_threads())
+    result["threads"] = torch.get_num_threads()
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result.update(time_scoring_choices(policy, tokenizer, rows, config, device))

@@ -31,14 +31,15 @@ def test_sampler_greedy_equals_generate_under_bf16_autocast(grpo, name):
 
 
 def test_captured_sampler_equals_eager_static_sampler(grpo):
-    """compile_step=True (torch.compile mode="reduce-overhead": CUDA graphs) gives the eager static sampler's
+    """The compiled static step (torch.compile mode="reduce-overhead": CUDA graphs) gives the eager static sampler's
     tokens; run twice, so that the second rollout replays the captured graphs."""
     model = tiny_bart().cuda()
     input_ids, attention_mask = (t.cuda() for t in articles())
-    eager = grpo.sample_completions(model, input_ids, attention_mask, 4, 16, 2, 1, greedy=True, static_cache=True)
+    eager = grpo.sample_completions(model, input_ids, attention_mask, 4, 16, 2, 1, greedy=True,
+                                    step_function=grpo.StaticCacheDecoderStep(16))
     for _ in range(2):
         captured = grpo.sample_completions(model, input_ids, attention_mask, 4, 16, 2, 1, greedy=True,
-                                           static_cache=True, compile_step=True)
+                                           step_function=grpo.StaticCacheDecoderStep(16, compiled=True))
         assert torch.equal(captured[0], eager[0])
         torch.testing.assert_close(captured[1], eager[1], atol=1e-4, rtol=1e-4)
 

@@ -255,11 +255,13 @@ def test_static_cache_sampler_equals_dynamic_cache_sampler(grpo, name):
     for static in (False, True):
         torch.manual_seed(0)
         results.append(grpo.sample_completions(model, input_ids, attention_mask, 3, 10, eos, pad, 2.0, 0.95,
-                                               static_cache=static))
+                                               step_function=grpo.StaticCacheDecoderStep(10) if static
+                                               else grpo.decoder_step))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
     greedy = [grpo.sample_completions(model, input_ids, attention_mask, 2, 10, eos, pad, greedy=True,
-                                      static_cache=static)[0] for static in (False, True)]
+                                      step_function=step)[0]
+              for step in (grpo.decoder_step, grpo.StaticCacheDecoderStep(10))]
     assert torch.equal(*greedy)
 
 
@@ -291,26 +293,6 @@ def test_sampler_and_shared_scoring_work_through_a_peft_lora_model(grpo):
     shared = grpo.GroupedSeq2Seq(model)(input_ids, attention_mask, decoder_input_ids, 2)
     plain = todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
-
-
-def test_benchmark_before_paths_are_generate_and_per_sample_cross_attention(grpo):
-    """--benchmark's 'before' column really runs the earlier paths, and puts today's back afterwards."""
-    model = tiny_bart()
-    input_ids, attention_mask = articles()
-    with grpo.paths_before_sampler():
-        torch.manual_seed(0)
-        sequences, _ = grpo.sample_completions(model, input_ids, attention_mask, 2, 8, 2, 1, 1.0, 1.0)
-        assert grpo.shared_cross_attention_cache(model, None, attention_mask, None, 2) is None
-    torch.manual_seed(0)
-    from transformers import GenerationConfig
-
-    settings = GenerationConfig(max_new_tokens=8, num_beams=1, do_sample=True, num_return_sequences=2, top_k=0,
-                                eos_token_id=2, pad_token_id=1, decoder_start_token_id=2)
-    expected = grpo.generate(model, {"input_ids": input_ids, "attention_mask": attention_mask}, settings)
-    assert torch.equal(sequences, expected)
-    assert grpo.sample_completions.__name__ == "sample_completions"
-    assert grpo.shared_cross_attention_cache(model, torch.zeros(3, 9, 32), attention_mask,
-                                             torch.full((3, 1), 2), 2) is not None
 
 
 def test_sampler_without_logprobs_draws_the_same_tokens(grpo):
