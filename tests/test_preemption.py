@@ -31,6 +31,7 @@ ARGS = ("--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_t
         "--eval_samples=4", "--eval_batch_size=2", "--device=cpu", "--max_steps=4", "--eval_every=2",
         "--save_every=100", "--num_iterations=2", "--learning_rate=1e-3", "--lr_scheduler=linear", "--warmup_steps=1",
         "--sft_steps=3", "--sft_batch_size=4", "--sft_learning_rate=1e-2", "--sft_eval_every=2", "--seed=5")
+NO_SFT = ("--sft_steps=0", "--sft_eval_every=0")
 LOSS_CALLS_PER_STEP = 4  # num_iterations x micro-batches
 TIMING_KEYS = ("time", "seconds")  # metrics that are wall-clock times, not numbers of the run
 
@@ -69,7 +70,7 @@ def assert_same_run(resumed: Path, straight: Path) -> None:
     for name in ("metrics.jsonl", "eval.jsonl", "sft_eval.jsonl", "eval_predictions.jsonl"):
         assert numbers(resumed / name) == numbers(straight / name), name
     assert any(m["kl"] > 0 for m in read_jsonl(straight / "metrics.jsonl")), "the policy never moved"
-    ours, theirs = load_file(resumed / "final" / "model.safetensors"), load_file(straight / "final" / "model.safetensors")
+    ours, theirs = (load_file(run / "final" / "model.safetensors") for run in (resumed, straight))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -105,7 +106,7 @@ def stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out: P
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
 def test_signal_in_an_sft_step(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files, tmp_path,
                                signal_number):
-    """Landing in SFT step 1 (its second sft_labels call is step 2's): SFT step 1 is finished when the boundary comes."""
+    """Landing in SFT step 1 (the first sft_labels call): the boundary after it saves SFT step 1."""
     out = tmp_path / "run"
     stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "sft_labels", 1,
                                     signal_number)
@@ -176,13 +177,13 @@ def test_signal_in_an_evaluation_redoes_it(grpo, monkeypatch, capsys, straight, 
 def two_step_run(grpo, tiny_bart_dir, data_files, tmp_path_factory) -> Path:
     """A finished 2-step run without SFT, with a checkpoint at step 2."""
     out = tmp_path_factory.mktemp("two_steps") / "run"
-    assert grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=2", "--sft_steps=0", "--sft_eval_every=0", "--save_every=2")) == 0
+    assert grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=2", *NO_SFT, "--save_every=2")) == 0
     return out
 
 
 def test_resume_under_another_process_count_is_refused_in_one_line(grpo, capsys, two_step_run, tiny_bart_dir,
                                                                      data_files, tmp_path):
-    """A checkpoint written by 2 processes (its world_size rewritten here: no torchrun needed) does not resume under 1."""
+    """A checkpoint of 2 processes (its world_size rewritten here: no torchrun needed) does not resume under 1."""
     import shutil
 
     out = tmp_path / "run"
@@ -192,7 +193,7 @@ def test_resume_under_another_process_count_is_refused_in_one_line(grpo, capsys,
     assert payload["world_size"] == 1
     payload["world_size"] = 2
     torch.save(payload, path)
-    code = grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=2", "--sft_steps=0", "--sft_eval_every=0", "--save_every=2",
+    code = grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=2", *NO_SFT, "--save_every=2",
                            "--resume=True"))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == grpo.ConfigError.exit_code and len(errors) == 1, errors
@@ -204,7 +205,7 @@ def test_max_steps_below_the_checkpoint_says_so(grpo, capsys, two_step_run, tiny
 
     out = tmp_path / "run"
     shutil.copytree(two_step_run, out)
-    code = grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=1", "--sft_steps=0", "--sft_eval_every=0", "--save_every=2",
+    code = grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=1", *NO_SFT, "--save_every=2",
                            "--resume=True"))
     stderr = capsys.readouterr().err
     assert code == 0, stderr
@@ -258,7 +259,7 @@ def test_pasted_continue_command_resumes(tiny_bart_dir, data_files, tmp_path):
         sys.exit(grpo.main())
     """))
     out = tmp_path / "run dir"
-    args = [f"--model_name={tiny_bart_dir}", *data_args(data_files), *ARGS, "--sft_steps=0", "--sft_eval_every=0", "--max_steps=2",
+    args = [f"--model_name={tiny_bart_dir}", *data_args(data_files), *ARGS, *NO_SFT, "--max_steps=2",
             "--source_prefix=it's a summary: ", f"--output_dir={out}"]
     stopped = subprocess.run([sys.executable, str(wrapper), *args], cwd=tmp_path, env=subprocess_env(),
                              capture_output=True, text=True, timeout=300)
