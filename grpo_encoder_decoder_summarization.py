@@ -1055,7 +1055,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
     stop, run, progress = StopRequest(log, dist), None, None  # from here on (SFT too) a signal stops at a boundary
     try:
-        run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state on resume
+        run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state
         finished_step(run)  # what a signal saves until the next step is finished
         progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=run.state.step)
         if run.state.evaluation_pending:  # the start (step 0), or the evaluation a signal interrupted (resumed)
@@ -2028,7 +2028,8 @@ def checkpoint_files(output_dir: str) -> list[str]:
     """Complete checkpoints in output_dir, oldest first: SFT's (sft_N.pt), then GRPO's (step_N.pt). A .tmp left by
     a killed save is not one."""
     directory = os.path.join(output_dir, "checkpoints")
-    names = [n for n in os.listdir(directory) if re.fullmatch(r"(sft|step)_\d+\.pt", n)] if os.path.isdir(directory) else []
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = [n for n in names if re.fullmatch(r"(sft|step)_\d+\.pt", n)]
     return [os.path.join(directory, name) for name in sorted(names, key=lambda n: (n.startswith("step_"), n))]
 
 
