@@ -1059,7 +1059,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
         finished_step(run)  # what a signal saves until the next step is finished
         progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=run.state.step)
         if run.state.evaluation_pending:  # the start (step 0), or the evaluation a signal interrupted (resumed)
-            evaluate_and_log(run, step=run.state.step)  # held-out ROUGE before any GRPO step
+            evaluate_and_log(run, step=run.state.step)  # held-out ROUGE (at step 0: before any GRPO step)
         for step in range(run.state.step + 1, config.max_steps + 1):
             # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
             indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
