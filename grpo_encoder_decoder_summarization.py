@@ -59,6 +59,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -470,6 +471,8 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for index, (articles, samples) in enumerate(groups):
+            if iteration == 0:  # a signal stops here (stop_point) while the weights are the last finished step's
+                stop_point()
             with gradient_sync(policy_forward, index == len(groups) - 1):  # DDP: once per update
                 with timer("time_forward"), autocast(device):
                     logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
@@ -511,6 +514,7 @@ def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, 
     """
     timer, started = PhaseTimer(device), time.perf_counter()
     rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
+    stop_point()  # a boundary: after Ctrl-C or SIGTERM the run stops here (see StopRequest)
     with timer("time_reference"):
         rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
     if config.num_iterations > 1:  # pi_old = the policy as it sampled; with mu = 1 the ratio is exactly 1
@@ -663,12 +667,12 @@ def sft_labels(tokenizer, summaries: list[str], max_length: int) -> torch.Tensor
 
 
 def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log,
-               held_out=None, curve_file: str | None = None) -> list[dict]:
+               held_out=None, curve_file: str | None = None, checkpoint: str | None = None) -> list[dict]:
     """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward.
 
     With sft_eval_every > 0 and held_out rows, the held-out ROUGE every sft_eval_every steps before the last (the
     caller evaluates the end), so one can see whether SFT had stopped improving. Returns those evaluations, and
-    appends each to curve_file (if given) as soon as it is made.
+    appends each to curve_file (if given) as soon as it is made. checkpoint: an SFT checkpoint (sft_N.pt) to go on from.
     """
     from transformers import get_scheduler
 
@@ -678,7 +682,19 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
                               config.sft_steps)
     policy.train()
     curve = []
-    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
+
+    def score(step: int, loss: float) -> None:  # held-out ROUGE after SFT step `step`
+        with eval_mode(policy):
+            metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
+        curve.append({"sft_step": step, "loss": loss, **metrics})
+        if curve_file:
+            append_jsonl(curve_file, curve[-1])
+        log(f"sft step {step}: " + format_scores(metrics))
+
+    saved = load_sft_checkpoint(checkpoint, policy, optimizer, scheduler, config, dist, log) if checkpoint else None
+    if saved and saved.evaluation_pending:  # stopped in the evaluation after this SFT step: do it again
+        score(saved.sft_step, saved.sft_loss)
+    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main, initial=saved.sft_step if saved else 0)
     for step in progress:
         rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
         encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
@@ -694,13 +710,10 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
         scored_now = config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 and step + 1 < config.sft_steps
-        if scored_now and held_out is not None and len(held_out):
-            with eval_mode(policy):
-                metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
-            curve.append({"sft_step": step + 1, "loss": loss.item(), **metrics})
-            if curve_file:
-                append_jsonl(curve_file, curve[-1])
-            log(f"sft step {step + 1}: " + format_scores(metrics))
+        scored_now = bool(scored_now and held_out is not None and len(held_out))
+        finished_sft_step(step + 1, loss.item(), scored_now, policy, optimizer, scheduler, config, dist)  # a boundary
+        if scored_now:
+            score(step + 1, loss.item())
     set_grpo_mode(policy, config)
     log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
     return curve
@@ -733,7 +746,10 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
     settings = evaluation_settings(policy, tokenizer, config)
     mine = list(range(dist.rank, len(held_out), dist.world_size))
     predictions = []
-    for start in range(0, len(mine), config.eval_batch_size):
+    for start in range(0, math.ceil(len(held_out) / dist.world_size), config.eval_batch_size):  # equal on all processes
+        stop_point()  # a boundary between batches (every process passes it equally often)
+        if start >= len(mine):
+            continue
         rows = held_out[mine[start:start + config.eval_batch_size]]
         encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
         with autocast(device):
@@ -762,12 +778,13 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     Returns the exit code: 0, or 130 after Ctrl-C / 143 after SIGTERM, with a checkpoint saved.
     """
     config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
-    run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state if resumed
-    stop, progress = StopRequest(log), tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main,
-                                                initial=run.state.step)
+    stop, run, progress = StopRequest(log, dist), None, None  # from here on (SFT too) a signal stops at a boundary
     try:
-        if run.state.step == 0:
-            evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
+        run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state
+        finished_step(run)  # what a signal saves until the next step is finished
+        progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=run.state.step)
+        if run.state.evaluation_pending:  # the start (step 0), or the evaluation a signal interrupted (resumed)
+            evaluate_and_log(run, step=run.state.step)  # held-out ROUGE (at step 0: before any GRPO step)
         for step in range(run.state.step + 1, config.max_steps + 1):
             # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
             indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
@@ -788,10 +805,13 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
                 save_run_checkpoint(run)
             if interrupted:
                 return stopped_early(run, stop)
+    except Stopped as stopped:  # at a boundary in SFT, a step or an evaluation: the last finished step is saved
+        return stopped_early(run, stop, stopped)
     finally:
         stop.restore()
-        progress.close()
-        run.trackers.close()
+        for opened in (progress, run and run.trackers):
+            if opened is not None:
+                opened.close()
     finish_run(run)  # final/, curves.png, the demo's comparison
     return 0
 
@@ -802,7 +822,9 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     from transformers import get_scheduler
 
     device = dist.device
-    checkpoint = checkpoint_to_resume(config, log)  # None for a fresh run; a resume's flags are checked first
+    checkpoint = checkpoint_to_resume(config, dist, log)  # None for a fresh run; a resume's flags are checked first
+    sft_checkpoint = checkpoint if checkpoint and is_sft_checkpoint(checkpoint) else None  # stopped during SFT
+    checkpoint = None if sft_checkpoint else checkpoint
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
@@ -815,7 +837,8 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
         write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     if checkpoint is None and config.sft_steps > 0:
         sft_warmup(policy_forward or training_forward(policy, config, dist), policy, tokenizer, train_rows, config,
-                   device, dist, log, held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None)
+                   device, dist, log, held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None,
+                   sft_checkpoint)
         if dist.is_main:  # pi_ref for a resumed run (with LoRA: the base the adapter of final/adapter applies to)
             save_pretrained_atomic(policy, tokenizer, reference_dir)
     if config.lora_r > 0:  # adapters after SFT: switched off, they give the post-SFT model, pi_ref (no copy)
@@ -1012,7 +1035,9 @@ def generation_settings(model, tokenizer, config: Config, sample: bool):
 
     Built from scratch (and used through generate(), which sets the checkpoint's own generation_config aside)
     so that a checkpoint's defaults (beams, no_repeat_ngram_size, min_length, forced EOS, top_k) cannot change
-    the distribution we sample from and then score.
+    the distribution we sample from. What is scored is softmax(logits / temperature), untruncated: with top_p < 1
+    the samples come from the renormalised top-p distribution, while pi_theta, pi_old and pi_ref score them on the
+    full one (as TRL does).
     """
     from transformers import GenerationConfig
 
@@ -1122,7 +1147,7 @@ class Run:
     trackers: "Trackers"
 
 
-def checkpoint_to_resume(config: Config, log) -> str | None:
+def checkpoint_to_resume(config: Config, dist: "Distributed", log) -> str | None:
     """With --resume: the newest checkpoint, after checking that the new flags would not change the run (before any
     data or model loads). None for a fresh run."""
     if not config.resume:
@@ -1131,7 +1156,7 @@ def checkpoint_to_resume(config: Config, log) -> str | None:
     if not checkpoints:
         raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
                         "--resume (add --overwrite_output_dir=True if the directory holds an earlier run)")
-    check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
+    check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log, dist.world_size)
     return checkpoints[-1]
 
 
@@ -1139,13 +1164,15 @@ def resume_run(run: Run, checkpoint: str) -> None:
     """Load the checkpoint into the run (weights, optimizer, schedule, counters, random state) and cut the logs back
     to its step, so a resumed run writes what the uninterrupted one would."""
     config, log = run.config, run.log
-    run.state = load_checkpoint(checkpoint, run.policy, run.optimizer, run.scheduler, run.dist.rank)
+    run.state = load_checkpoint(checkpoint, run.policy, run.optimizer, run.scheduler, run.dist.rank, log)
+    if run.state.step > config.max_steps:
+        log(f"note: --max_steps={config.max_steps} is below the checkpoint's step {run.state.step}: no step to run")
     old_lr, new_lr = continue_lr_schedule(run.scheduler, run.optimizer)
     if old_lr != new_lr:
         log(f"--max_steps={config.max_steps}: the {config.lr_scheduler} schedule now runs over {config.max_steps} "
             f"steps; the next update uses lr {new_lr:.4g} (the schedule's value at step {run.state.step}), not {old_lr:.4g}")
     if run.dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
-        for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl"):
+        for name in RUN_LOGS:
             keep_lines_up_to(os.path.join(config.output_dir, name), run.state.step)
     log(f"resumed from {checkpoint} at step {run.state.step}")
 
@@ -1194,29 +1221,58 @@ def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict)
     if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
         raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
                         "try a lower --learning_rate or --max_grad_norm")
+    finished_step(run)
     return metrics
 
 
 def evaluate_and_log(run: Run, step: int) -> None:
-    """record_evaluation (eval.jsonl, best/), and the same numbers to the trackers."""
+    """record_evaluation (eval.jsonl, best/), and the same numbers to the trackers. A signal during it saves the step
+    with its evaluation pending (state.evaluation_pending), which the resumed run does again."""
+    run.state.evaluation_pending = True
     metrics = record_evaluation(run.config, run.dist, step, run.policy, run.tokenizer, run.held_out, run.state, run.log)
+    run.state.evaluation_pending = False
     run.trackers.log("eval", {"step": step, **metrics})
+    finished_step(run)
 
 
-def save_run_checkpoint(run: Run) -> None:
-    """checkpoints/step_N.pt with every process's random state (rank 0 writes it)."""
-    rng_states = run.dist.gather_in_order([(run.dist.rank, rng_state())])
+def save_run_checkpoint(run: Run, rng: dict | None = None) -> str:
+    """checkpoints/step_N.pt with every process's random state (now, or `rng`: the state a finished step left), rank 0
+    writes it. Returns what it saved, for the log ("step N")."""
+    rng_states = run.dist.gather_in_order([(run.dist.rank, rng_state() if rng is None else rng)])
     if run.dist.is_main:
         save_checkpoint(run.config.output_dir, run.policy, run.optimizer, run.scheduler, run.state, rng_states,
-                        run.config.keep_checkpoints, run.config)
+                        run.config.keep_checkpoints, run.config, run.dist.world_size)
+    return f"step {run.state.step}"
 
 
-def stopped_early(run: Run, stop: "StopRequest") -> int:
-    """After Ctrl-C or SIGTERM (the checkpoint is saved): say how to resume; the exit code is 128 + the signal."""
-    log_truncated_articles(run.state, run.config, run.dist, run.log)
-    run.log(f"stopped at step {run.state.step}; checkpoint saved. Continue with: python {sys.argv[0]} "
-            f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
-    return 128 + run.dist.max(stop.signal_number)
+def finished_step(run: Run) -> None:
+    """GRPO step run.state.step (and its evaluation, if any) is finished: until the next one is, a signal saves it,
+    with the random state of this moment (the one the next step starts from)."""
+    mark_finished(lambda rng: save_run_checkpoint(run, rng))
+
+
+def stopped_early(run: Run | None, stop: "StopRequest", stopped: "Stopped | None" = None) -> int:
+    """After Ctrl-C or SIGTERM (the checkpoint is saved): say how to resume, with a command to paste as is; the exit
+    code is 128 + the signal. stopped: raised at a boundary inside SFT, a step or an evaluation (else the end of a
+    step), it names the step saved."""
+    what = str(stopped) if stopped is not None else f"step {run.state.step}"
+    if run is not None:
+        log_truncated_articles(run.state, run.config, run.dist, run.log)
+    stop.log(f"stopped at {what}; checkpoint saved. Continue with: {continue_command()}")
+    return 128 + stop.dist.max(stop.signal_number)
+
+
+def continue_command(argv: list[str] | None = None, environ: typing.Mapping[str, str] = os.environ) -> str:
+    """The command that resumes this run, to paste into a POSIX shell as is: the launcher used (torchrun with its
+    process count, else python), the script path as given, every flag but --resume quoted, then --resume=True."""
+    argv = sys.argv if argv is None else argv
+    flags = [a for a in argv[1:] if a != "--resume" and not a.startswith("--resume=")] + ["--resume=True"]
+    world, local = int(environ.get("WORLD_SIZE", "1")), int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world == 1:
+        return shlex.join(["python", argv[0], *flags])
+    nodes = ["--standalone"] if world == local else [f"--nnodes={world // local}"]  # many nodes: add the rendezvous
+    return shlex.join(["torchrun", *nodes, f"--nproc_per_node={local}", argv[0], *flags]) + (
+        "" if world == local else "  (on every node, with your rendezvous flags)")
 
 
 def finish_run(run: Run) -> None:
@@ -1799,6 +1855,7 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
 # --------------------------------------------------------------------------------------------------
 # Run files: output dir, saved config, checkpoints (atomic, the last few kept, exact resume), logs
 # --------------------------------------------------------------------------------------------------
+RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl")  # cut back to the checkpoint on resume
 RUN_CONFIG_FILE = "run_config.json"  # the resolved config of the run, in output_dir (checkpoints hold it too)
 # Flags a resumed run may change: they do not alter the training trajectory (every other field does, including
 # fields added later). max_steps may change too: the lr schedule is then defined over the new max_steps.
@@ -1908,6 +1965,9 @@ class TrainerState:
     nonfinite_in_a_row: int = 0  # consecutive steps skipped for a NaN/inf loss
     nonfinite_total: int = 0  # all steps skipped for a NaN/inf loss
     articles_truncated: int = 0  # training articles cut to max_source_length so far
+    evaluation_pending: bool = True  # the evaluation after `step` is still to do (step 0's; one a signal interrupted)
+    sft_step: int = 0  # a checkpoint saved during the SFT warm-up (sft_N.pt): the SFT steps done
+    sft_loss: float = 0.0  # and the loss of its last step
 
 
 def rng_state() -> dict:
@@ -1918,32 +1978,46 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, log=None) -> None:
+    """Restore rng_state()'s generators; of the CUDA ones, those of the visible devices (saying so if fewer)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = state["cuda"], torch.cuda.device_count()
+        if len(saved) > visible and log is not None:
+            log(f"note: the checkpoint holds the random state of {len(saved)} GPUs and {visible} are visible: restored "
+                f"those of the first {visible} (sampling on the others cannot be reproduced)")
+        torch.cuda.set_rng_state_all(saved[:visible])
 
 
 def checkpoint_files(output_dir: str) -> list[str]:
-    """Complete checkpoints in output_dir, oldest first (a .tmp left by a killed save is not one)."""
+    """Complete checkpoints in output_dir, oldest first: SFT's (sft_N.pt), then GRPO's (step_N.pt). A .tmp left by
+    a killed save is not one."""
     directory = os.path.join(output_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d+\.pt", n)) if os.path.isdir(directory) else []
-    return [os.path.join(directory, name) for name in names]
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = [n for n in names if re.fullmatch(r"(sft|step)_\d+\.pt", n)]
+    return [os.path.join(directory, name) for name in sorted(names, key=lambda n: (n.startswith("step_"), n))]
+
+
+def is_sft_checkpoint(path: str) -> bool:
+    """A checkpoint saved during the SFT warm-up (by a signal): sft_N.pt."""
+    return os.path.basename(path).startswith("sft_")
 
 
 def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int,
-                    config: Config | None = None) -> str:
-    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`.
+                    config: Config | None = None, world_size: int = 1) -> str:
+    """Write checkpoints/step_N.pt (sft_N.pt during SFT: state.sft_step) atomically (temporary file, then rename)
+    and keep the newest `keep`.
 
-    The checkpoint also holds the run's resolved config, which --resume compares with the new flags."""
+    The checkpoint also holds the run's resolved config and process count, which --resume compares with the new."""
     directory = os.path.join(output_dir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{state.step:08d}.pt")
+    name = f"sft_{state.sft_step:08d}.pt" if state.sft_step else f"step_{state.step:08d}.pt"
+    path = os.path.join(directory, name)
     payload = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "trainer_state": dataclasses.asdict(state), "rng_states": rng_states,
-               "config": dataclasses.asdict(config) if config is not None else None}
+               "config": dataclasses.asdict(config) if config is not None else None, "world_size": world_size}
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
     stale_temporary = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".pt.tmp")]
@@ -1964,7 +2038,7 @@ def check_state_dict_fits(saved: dict, model: torch.nn.Module, path: str) -> Non
                         "--model_name that wrote it, or start afresh with --overwrite_output_dir=True")
 
 
-def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> TrainerState:
+def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int, log=None) -> TrainerState:
     """Restore model, optimizer, scheduler, trainer state and this process's random generators."""
     payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG tuples
     check_state_dict_fits(payload["model"], policy, path)
@@ -1972,15 +2046,50 @@ def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> Train
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     rng_states = payload["rng_states"]
-    set_rng_state(rng_states[rank % len(rng_states)])
-    return TrainerState(**payload["trainer_state"])
+    set_rng_state(rng_states[rank % len(rng_states)], log)
+    return TrainerState(**{"evaluation_pending": False, **payload["trainer_state"]})  # older files: nothing pending
+
+
+def load_sft_checkpoint(path: str, policy, optimizer, scheduler, config: Config, dist: "Distributed", log
+                        ) -> TrainerState:
+    """Go on with SFT from a checkpoint saved during it: weights, SFT optimizer and schedule, random state. The logs
+    lose what a run killed after it wrote: sft_eval.jsonl's later SFT steps, and every GRPO line (GRPO starts anew)."""
+    state = load_checkpoint(path, policy, optimizer, scheduler, dist.rank, log)
+    if dist.is_main:  # a pending evaluation is done again: its line, if a killed run wrote it, goes too
+        keep_lines_up_to(os.path.join(config.output_dir, "sft_eval.jsonl"), state.sft_step - state.evaluation_pending,
+                         key="sft_step")
+        for name in RUN_LOGS:
+            keep_lines_up_to(os.path.join(config.output_dir, name), -1)
+    log(f"resumed from {path} at SFT step {state.sft_step}")
+    return state
+
+
+def finished_sft_step(step: int, loss: float, evaluation_due: bool, policy, optimizer, scheduler, config: Config,
+                      dist: "Distributed") -> None:
+    """SFT step `step` is finished (its evaluation follows if evaluation_due): a boundary (stop_point), and until the
+    next one a signal saves checkpoints/sft_N.pt: weights, SFT optimizer and schedule, the random state of this
+    moment. Every save_every SFT steps it is saved anyway, like GRPO's (a SIGKILL then loses at most save_every
+    steps). The last SFT step is no boundary (GRPO's first one follows soon, with its own checkpoint)."""
+    def save(rng: dict) -> str:
+        state = TrainerState(sft_step=step, sft_loss=loss, evaluation_pending=evaluation_due)
+        rng_states = dist.gather_in_order([(dist.rank, rng)])
+        if dist.is_main:
+            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints,
+                            config, dist.world_size)
+        return f"SFT step {step}"
+
+    mark_finished(save)
+    if step < config.sft_steps:
+        if step % config.save_every == 0 and StopRequest.active is not None:  # train's SFT, not the demo's control
+            save(rng_state())
+        stop_point()
 
 
 def read_saved_config(checkpoint: str, output_dir: str) -> dict | None:
     """The resolved config a run was started with: from its newest checkpoint, else run_config.json (None if neither)."""
     payload = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)  # mmap: tensors stay on disk
-    if payload.get("config") is not None:
-        return payload["config"]
+    if payload.get("config") is not None:  # with the process count (world_size), where the checkpoint has it
+        return {**payload["config"], **({"world_size": payload["world_size"]} if "world_size" in payload else {})}
     path = os.path.join(output_dir, RUN_CONFIG_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as file:
@@ -2009,12 +2118,15 @@ def changed_on_resume(saved: dict, config: Config, bookkeeping_fields: frozenset
     return trajectory, bookkeeping
 
 
-def check_resume_config(saved: dict | None, config: Config, log) -> None:
-    """Stop a resume whose flags would change the training trajectory; allow bookkeeping changes and say so."""
+def check_resume_config(saved: dict | None, config: Config, log, world_size: int = 1) -> None:
+    """Stop a resume whose flags (or process count: each process takes its own batch) would change the training
+    trajectory; allow bookkeeping changes and say so."""
     if saved is None:
         log("note: this run saved no config (an older version wrote it), so the flags cannot be compared")
         return
     trajectory, bookkeeping = changed_on_resume(saved, config)
+    if saved.get("world_size", world_size) != world_size:
+        trajectory.append(f"processes (torchrun --nproc_per_node, all nodes): {saved['world_size']} -> {world_size}")
     if trajectory:
         raise ConfigError(f"--resume=True with flags that change the run: {'; '.join(trajectory)}; resume with the "
                           "run's own values (see run_config.json), or start a new run in another --output_dir")
@@ -2056,7 +2168,7 @@ def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
     os.replace(temporary, directory)
 
 
-def keep_lines_up_to(path: str, step: int) -> None:
+def keep_lines_up_to(path: str, step: int, key: str = "step") -> None:
     """Drop the lines of a .jsonl log written after `step` (by a run that died before its next checkpoint)."""
     if not os.path.exists(path):
         return
@@ -2067,7 +2179,7 @@ def keep_lines_up_to(path: str, step: int) -> None:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line torn by the kill
                 continue
-            if record["step"] <= step:
+            if record[key] <= step:
                 kept.append(json.dumps(record) + "\n")
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         file.writelines(kept)
@@ -2293,24 +2405,56 @@ class PhaseTimer:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what SLURM and other schedulers send before pre-empting a job) asks the loop to
-    finish the current step, save a checkpoint and exit with 128 + the signal number; a second signal aborts."""
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, torchrun and other schedulers send before stopping a job) asks the run
+    to stop at the next boundary (stop_point: between SFT steps, between a step's phases, between micro-batches of the
+    update before its optimizer step, between evaluation batches), save the last finished step with the random state
+    it left, and exit with 128 + the signal number, within seconds (torchrun kills its workers 30 s after a SIGTERM
+    by default). The unfinished step is dropped; a resumed run does it again, exactly. A second signal aborts.
+    train installs it before anything else (the SFT warm-up included); stop_point is a no-op without one."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)  # handled signals
+    active: "StopRequest | None" = None  # the one stop_point consults
 
-    def __init__(self, log):
-        self.requested, self.signal_number, self.log = False, 0, log
+    def __init__(self, log, dist: "Distributed | None" = None):
+        self.requested, self.signal_number, self.log, self.dist = False, 0, log, dist or Distributed()
+        self.finished = None  # (random state, save): the last finished step, and how to checkpoint it (mark_finished)
         self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        StopRequest.active = self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signal_number = True, signum
-        self.log(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to abort)")
+        self.log(f"{signal.Signals(signum).name}: stopping at the next boundary and saving the last finished step "
+                 "(again to abort)")
 
     def restore(self):
         for number, previous in self.previous.items():
             signal.signal(number, previous)
+        if StopRequest.active is self:
+            StopRequest.active = None
+
+
+class Stopped(Exception):
+    """Raised by stop_point on every process after it saved the last finished step (the message names it)."""
+
+
+def mark_finished(save: typing.Callable[[dict], str]) -> None:
+    """A step is finished: until the next one is, a signal calls save(the random state of this moment), which writes
+    the checkpoint (on every process: it may gather) and returns what it saved ("step 3")."""
+    if StopRequest.active is not None:
+        StopRequest.active.finished = (rng_state(), save)
+
+
+def stop_point() -> None:
+    """A boundary where a run may stop: if Ctrl-C or SIGTERM reached any process, save the last finished step and
+    raise Stopped. Every process passes the same boundaries, and they agree here (a one-number all_reduce), so none
+    waits in a collective alone. A no-op outside train (benchmark, tests, the demo's control)."""
+    stop = StopRequest.active
+    if stop is None or not stop.dist.any(stop.requested):
+        return
+    rng, save = stop.finished
+    raise Stopped(save(rng))
 
 
 def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):
