@@ -1202,7 +1202,7 @@ def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed
     if unused:
         log(f"note: {', '.join(unused)}: no effect, since --sft_steps=0 leaves the SFT warm-up out")
     if config.demo or config.benchmark:
-        config = prepare_demo(config, dist, log, given)
+        config = checked_against_model(prepare_demo(config, dist, log, given), given)  # the demo's model exists now
     return config, dist, log
 
 
@@ -1486,6 +1486,58 @@ def scheduler_names() -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Start-of-run checks: what the model can take, and what the data and flags would do, said before any work
+# --------------------------------------------------------------------------------------------------
+def note(message: str) -> None:
+    """A line on stderr from the first process only (for checks made before join_processes gives a log)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
+def position_limits(model_config) -> tuple[int | None, int | None]:
+    """(encoder, decoder) positions the model can embed; None where it has no limit (T5's relative positions)."""
+    shared = getattr(model_config, "max_position_embeddings", None)
+    encoder = getattr(model_config, "max_encoder_position_embeddings", None) or shared  # LED: one per side
+    decoder = getattr(model_config, "max_decoder_position_embeddings", None) or shared
+    return encoder, decoder
+
+
+def fit_lengths(config: Config, model_config, given: set[str] | None = None, log=note) -> Config:
+    """--max_source_length and --max_new_tokens checked against the model's encoder and decoder positions: a given
+    flag beyond them is refused with one line, a default one is lowered to the limit with a note (given=None: every
+    flag counts as given)."""
+    encoder, decoder = position_limits(model_config)
+    over = [(flag, getattr(config, flag), limit, side) for flag, limit, side in (
+        ("max_source_length", encoder, "encoder"), ("max_new_tokens", decoder, "decoder"))
+        if limit is not None and getattr(config, flag) > limit]
+    for flag, value, limit, side in over:  # every refusal before any note
+        if given is None or flag in given:
+            raise ConfigError(f"--{flag}={value} exceeds the {limit} positions of the {model_config.model_type} "
+                              f"model's {side} (its config's max_position_embeddings): use --{flag}={limit} or less")
+    changes = {flag: limit for flag, _, limit, _ in over}
+    for flag, value, limit, side in over:
+        log(f"note: --{flag} lowered from its default {value} to {limit}, the positions of the model's {side}")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def early_model_config(config: Config):
+    """The model's config (config.json only), to check flags against before any data or weights load; None when it
+    cannot be read here (load_policy_and_tokenizer then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(config.model_name), trust_remote_code=config.trust_remote_code)
+    except Exception:
+        return None
+
+
+def checked_against_model(config: Config, given: set[str]) -> Config:
+    """The config with its lengths fitted to the model (fit_lengths), checked before anything is written."""
+    model_config = early_model_config(config)
+    return config if model_config is None else fit_lengths(config, model_config, given)
+
+
+# --------------------------------------------------------------------------------------------------
 # Data: the hub dataset or local files, rows with empty text skipped, a seeded order per epoch
 # --------------------------------------------------------------------------------------------------
 def utf8_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -1735,6 +1787,7 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
         raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
                           "model's generation_config sets it (max_length): drop --max_new_tokens")
+    config = checked_against_model(config, given)
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
     if os.path.exists(predictions_path) and not config.overwrite_output_dir:
         raise ConfigError(f"{predictions_path} exists from an earlier evaluation or run; pass another --output_dir, "
@@ -3116,7 +3169,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo_seeds(config, given)
         if config.benchmark:
             return run_benchmark(*start_process(config, given))
-        return train(config, given)
+        return train(checked_against_model(config, given), given)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

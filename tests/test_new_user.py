@@ -1,0 +1,87 @@
+"""The first hour of a new user on their own data (issue 20): lengths beyond the model's positions, non-Latin text,
+truncation counted at the start, evaluation the Hugging Face way, checkpoint decoding without a length, the demo's
+resume and files, degenerate summaries, flags typed with a space, and the small things.
+
+Everything runs offline on tiny models built from a config and on data the tests write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import check_ok, read_jsonl, run_script
+
+POSITIONS = 64  # the positions of the short BART below
+
+
+@pytest.fixture(scope="module")
+def short_bart_dir(tmp_path_factory, grpo) -> Path:
+    """The demo's tiny BART (word tokenizer), shrunk, with only 64 positions in encoder and decoder."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    directory = tmp_path_factory.mktemp("short_bart")
+    rows = grpo.make_synthetic_corpus(200, seed=0)
+    tokenizer = grpo.build_word_tokenizer([r["article"] for r in rows] + [r["highlights"] for r in rows],
+                                          str(directory), "bart")
+    grpo.build_demo_model(str(directory), tokenizer, seed=0)
+    config = BartConfig.from_pretrained(directory)
+    config.update(dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0,
+                       max_position_embeddings=POSITIONS))
+    torch.manual_seed(0)
+    BartForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Lengths beyond the model's positions: one line at the start, nothing written
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--max_source_length=100", "--max_new_tokens=100"])
+def test_length_beyond_positions_is_refused_before_anything_is_written(flag, grpo, short_bart_dir, data_files,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    train, validation = data_files
+    code = grpo.main([f"--model_name={short_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                      f"--output_dir={out}", "--device=cpu", flag])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert flag.split("=")[0] in error and f"{POSITIONS} positions" in error and f"={POSITIONS} or less" in error
+    assert not out.exists()
+
+
+def test_eval_only_max_new_tokens_beyond_positions_is_refused(grpo, short_bart_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = grpo.main(["--eval_only=True", f"--model_name={short_bart_dir}", f"--validation_file={data_files[1]}",
+                      f"--output_dir={out}", "--device=cpu", "--max_new_tokens=2000"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "--max_new_tokens=2000" in error and f"{POSITIONS} positions" in error, error
+    assert not out.exists()
+
+
+def test_default_lengths_are_lowered_to_the_positions_with_a_note(grpo, capsys):
+    from transformers import BartConfig, LEDConfig, T5Config
+
+    config = grpo.Config(max_source_length=1024, max_new_tokens=142)
+    fitted = grpo.fit_lengths(config, BartConfig(max_position_embeddings=POSITIONS), given=set())
+    assert (fitted.max_source_length, fitted.max_new_tokens) == (POSITIONS, POSITIONS)
+    assert capsys.readouterr().err.count("note: --max_") == 2
+    assert grpo.position_limits(T5Config()) == (None, None)  # relative positions: no limit
+    assert grpo.position_limits(LEDConfig()) == (16384, 1024)  # one limit per side
+    assert grpo.fit_lengths(config, T5Config(), given=None) is config
+
+
+def test_a_run_at_exactly_the_positions_trains(short_bart_dir, data_files, tmp_path):
+    """The untrained model samples up to max_new_tokens = the decoder's positions, articles are cut to the
+    encoder's: the run ends without an index error (the limit is not off by one)."""
+    train, validation = data_files
+    result = run_script(f"--model_name={short_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                        f"--output_dir={tmp_path / 'run'}", "--device=cpu", f"--max_source_length={POSITIONS}",
+                        f"--max_new_tokens={POSITIONS}", "--max_steps=1", "--batch_size=2", "--group_size=2",
+                        "--micro_batch_size=4", "--eval_samples=2", "--sft_steps=1", "--sft_batch_size=2",
+                        timeout=300)
+    check_ok(result)
