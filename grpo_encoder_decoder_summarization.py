@@ -107,6 +107,7 @@ class Config:
     rouge2_weight: float = 1.0  # weight of ROUGE-2 F1 in the reward
     rougeL_weight: float = 0.0  # weight of ROUGE-L F1 in the reward
     rougeLsum_weight: float = 1.0  # weight of ROUGE-Lsum F1 in the reward
+    rouge_tokenizer: str = "default"  # default: rouge_score's (a-z0-9); unicode: any script, not the papers' English ROUGE
     # GRPO update
     learning_rate: float = 1e-6  # AdamW learning rate of the GRPO phase
     weight_decay: float = 0.0  # AdamW weight decay
@@ -178,6 +179,7 @@ COMPLETION_ARTICLES = 2  # articles per logged step whose G samples go to comple
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 EVAL_SPLITS = ("validation", "test")  # --eval_split values
 EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
+ROUGE_TOKENIZERS = ("default", "unicode")  # --rouge_tokenizer values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -879,7 +881,7 @@ def compute_rewards(predictions: list[str], references: list[str], articles: lis
       called   once per rollout, on every process for its own articles, never inside the mu updates.
     Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
     """
-    return rouge_rewards(predictions, references, reward_weights(config))
+    return rouge_rewards(predictions, references, reward_weights(config), config.rouge_tokenizer)
 
 
 def reward_weights(config: Config) -> dict[str, float]:
@@ -889,10 +891,11 @@ def reward_weights(config: Config) -> dict[str, float]:
     return {key: weight / total for key, weight in weights.items()}
 
 
-def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
+def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None,
+                  tokenizer: str = "default") -> list[float]:
     """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
     weights = weights or reward_weights(Config())
-    scores = rouge_f1(predictions, references)
+    scores = rouge_f1(predictions, references, tokenizer)
     return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
 
 
@@ -981,12 +984,13 @@ def evaluation_settings(model, tokenizer, config: Config):
     return settings
 
 
-def score_summaries(predictions: list[str], references: list[str], seed: int) -> tuple[dict, dict[str, list[float]]]:
+def score_summaries(predictions: list[str], references: list[str], seed: int,
+                    tokenizer: str = "default") -> tuple[dict, dict[str, list[float]]]:
     """ROUGE-1/2/L/Lsum F1 of each summary, and the metrics: each mean with <key>_ci_low / <key>_ci_high.
 
     Returns (metrics, per-article scores). Every interval uses the same seed, so it reproduces.
     """
-    scores = rouge_f1(predictions, references)
+    scores = rouge_f1(predictions, references, tokenizer)
     metrics = {}
     for key, values in scores.items():
         metrics[key] = float(np.mean(values))
@@ -1013,7 +1017,7 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
         predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
     predictions = dist.gather_in_order(list(zip(mine, predictions)))
     articles, references = held_out[config.text_column], held_out[config.summary_column]
-    metrics, scores = score_summaries(predictions, references, config.seed)
+    metrics, scores = score_summaries(predictions, references, config.seed, config.rouge_tokenizer)
     metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
     metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
     metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
@@ -1103,6 +1107,7 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
     train_rows, held_out = load_data(config, log)
+    check_rouge_words(config, train_rows, held_out)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
     set_grpo_mode(policy, config)
 
@@ -1206,6 +1211,9 @@ def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed
     return config, dist, log
 
 
+EQUAL_REWARD_STEPS = 5  # warn after this many steps in a row in which every group had equal rewards
+
+
 def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict) -> dict:
     """Count NaN/inf steps (stop after max_nonfinite_steps in a row), average the processes' numbers, and append
     them to metrics.jsonl (and the trackers); every log_completions_every steps, the samples to completions.jsonl."""
@@ -1226,6 +1234,11 @@ def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict)
     for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
         metrics[count] = round(metrics[count] * dist.world_size)
     state.articles_truncated += metrics["articles_truncated"]
+    state.equal_rewards_in_a_row = state.equal_rewards_in_a_row + 1 if metrics["zero_std_groups"] == 1 else 0
+    if state.equal_rewards_in_a_row == EQUAL_REWARD_STEPS:  # once per such stretch
+        log(f"warning: for {EQUAL_REWARD_STEPS} steps in a row every article's {config.group_size} summaries got "
+            f"equal rewards (last mean {metrics['reward_mean']:.3f}), so GRPO has no learning signal; look at "
+            "--log_completions_every=1, the reward, --temperature or --rouge_tokenizer")
     metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
     if dist.is_main:
         append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
@@ -1399,6 +1412,7 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
         (config.sft_eval_every >= 0, "--sft_eval_every must be >= 0 (0: off)"),
         (config.eval_split in EVAL_SPLITS, f"--eval_split must be one of {', '.join(EVAL_SPLITS)}"),
         (config.eval_decoding in EVAL_DECODINGS, f"--eval_decoding must be one of {', '.join(EVAL_DECODINGS)}"),
+        (config.rouge_tokenizer in ROUGE_TOKENIZERS, f"--rouge_tokenizer must be one of {', '.join(ROUGE_TOKENIZERS)}"),
         (config.eval_only or config.eval_split == "validation",
          "--eval_split=test needs --eval_only=True: training picks best/ on validation; score test after training"),
         ((config.eval_only and config.eval_split == "test") or not config.test_file,
@@ -1518,6 +1532,23 @@ def fit_lengths(config: Config, model_config, given: set[str] | None = None, log
     for flag, value, limit, side in over:
         log(f"note: --{flag} lowered from its default {value} to {limit}, the positions of the model's {side}")
     return dataclasses.replace(config, **changes) if changes else config
+
+
+ROUGE_CHECK_REFERENCES = 200  # references per split checked at the start for words ROUGE can score
+
+
+def check_rouge_words(config: Config, *splits) -> None:
+    """Stop at the start when most references have no word ROUGE can score (non-Latin text under rouge_score's
+    tokenizer): every reward and score would be 0."""
+    references = [text for split in splits for text in split.select(range(min(ROUGE_CHECK_REFERENCES, len(split))))[
+        config.summary_column]]
+    empty = [text for text in references if not rouge_tokens(text, config.rouge_tokenizer)]
+    if references and len(empty) * 2 > len(references):
+        fix = ("pass --rouge_tokenizer=unicode (words of any script)" if config.rouge_tokenizer == "default"
+               else f"check --summary_column={config.summary_column}")
+        raise UserError(f"{len(empty)} of {len(references)} reference summaries have no word ROUGE can score with "
+                        f"--rouge_tokenizer={config.rouge_tokenizer} (e.g. {empty[0][:40]!r}), so every reward "
+                        f"would be 0; {fix}")
 
 
 def early_model_config(config: Config):
@@ -1806,6 +1837,7 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # only a checkpoint whose generation_config samples draws random numbers
     held_out = load_eval_split(config, given, log)
+    check_rouge_words(config, held_out)
     policy, tokenizer = load_policy_and_tokenizer(config, dist.device)
     policy.eval()
     settings = evaluation_settings(policy, tokenizer, config)
@@ -1819,7 +1851,8 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
         "max_new_tokens", "early_stopping", "forced_bos_token_id", "forced_eos_token_id")}
     record = dict(model=config.model_name, data=data, eval_split=config.eval_split, articles=len(per_article),
                   max_source_length=config.max_source_length, eval_decoding=config.eval_decoding,
-                  generation=generation, sentence_splitter=sentence_splitter(), seed=config.seed, **metrics)
+                  generation=generation, sentence_splitter=sentence_splitter(), rouge_tokenizer=config.rouge_tokenizer,
+                  seed=config.seed, **metrics)
     if dist.is_main:
         write_jsonl_atomic(predictions_path, per_article)
         append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), record)
@@ -1960,7 +1993,8 @@ def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: Tr
     if len(held_out) == 0:
         return {}
     metrics, examples, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
-    metrics.update(articles=len(per_article), eval_decoding=config.eval_decoding, sentence_splitter=sentence_splitter())
+    metrics.update(articles=len(per_article), eval_decoding=config.eval_decoding, sentence_splitter=sentence_splitter(),
+                   rouge_tokenizer=config.rouge_tokenizer)
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
     if dist.is_main and step == config.max_steps and step > 0 and os.path.exists(predictions_path):
         with open(predictions_path, encoding="utf-8") as file:
@@ -1994,6 +2028,7 @@ class TrainerState:
     nonfinite_in_a_row: int = 0  # consecutive steps skipped for a NaN/inf loss
     nonfinite_total: int = 0  # all steps skipped for a NaN/inf loss
     articles_truncated: int = 0  # training articles cut to max_source_length so far
+    equal_rewards_in_a_row: int = 0  # consecutive steps where every group's G rewards were equal (no signal)
 
 
 def rng_state() -> dict:
@@ -2454,11 +2489,18 @@ def rouge_word(word: str) -> str:
     return token if tokenize.VALID_TOKEN_RE.match(token) else ""
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized)."""
+def rouge_tokens(text: str, tokenizer: str = "default") -> list[str]:
+    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized). With
+    tokenizer="unicode" (--rouge_tokenizer): the lowercase letter/digit runs of any script, ASCII ones stemmed."""
     from rouge_score import tokenize
 
+    if tokenizer == "unicode":
+        return [token for token in (rouge_word(w) if w.isascii() else w for w in UNICODE_WORD_RE.findall(text.lower()))
+                if token]
     return [token for token in map(rouge_word, tokenize.NON_ALPHANUM_RE.sub(" ", text.lower()).split()) if token]
+
+
+UNICODE_WORD_RE = re.compile(r"[^\W_]+")  # --rouge_tokenizer=unicode: runs of letters and digits of any script
 
 
 @dataclass
@@ -2474,9 +2516,9 @@ class RougeText:
     sentence_tokens: Counter
 
     @classmethod
-    def of(cls, text: str) -> "RougeText":
-        tokens = rouge_tokens(text)
-        sentences = [rouge_tokens(sentence) for sentence in split_sentences(text)]
+    def of(cls, text: str, tokenizer: str = "default") -> "RougeText":
+        tokens = rouge_tokens(text, tokenizer)
+        sentences = [rouge_tokens(sentence, tokenizer) for sentence in split_sentences(text)]
         sentences = [sentence for sentence in sentences if sentence]
         return cls(tokens, position_masks(tokens), Counter(tokens), Counter(zip(tokens, tokens[1:])), sentences,
                    [position_masks(sentence) for sentence in sentences], Counter(t for s in sentences for t in s))
@@ -2548,7 +2590,7 @@ def rouge_pair(prediction: RougeText, reference: RougeText) -> dict[str, float]:
     return scores
 
 
-def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+def rouge_f1(predictions: list[str], references: list[str], tokenizer: str = "default") -> dict[str, list[float]]:
     """ROUGE-1/2/L/Lsum F1 (stemmed) of each prediction against its reference: rouge_score's numbers, faster.
 
     Every distinct text is tokenized, stemmed and split into sentences once per call, so a reference shared by
@@ -2559,7 +2601,7 @@ def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[fl
     analyzed: dict[str, RougeText] = {}
     for text in (*predictions, *references):
         if text not in analyzed:
-            analyzed[text] = RougeText.of(text)
+            analyzed[text] = RougeText.of(text, tokenizer)
     pairs = [rouge_pair(analyzed[p], analyzed[r]) for p, r in zip(predictions, references)]
     return {key: [pair[key] for pair in pairs] for key in ROUGE_KEYS}
 
