@@ -1109,6 +1109,8 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     train_rows, held_out = load_data(config, log)
     check_rouge_words(config, train_rows, held_out)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
+    if dist.is_main:
+        log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
     set_grpo_mode(policy, config)
 
     def forward_of(model):  # the training forward: compiled and/or DDP-wrapped as asked
@@ -1551,6 +1553,38 @@ def check_rouge_words(config: Config, *splits) -> None:
                         f"would be 0; {fix}")
 
 
+LENGTH_CHECK_ROWS = 20_000  # rows per split tokenized at the start to count truncation (evenly spaced beyond)
+
+
+def token_lengths(tokenizer, texts: list[str], target: bool = False) -> list[int]:
+    """Token counts of texts (special tokens included; target: as summaries are tokenized for SFT), in batches."""
+    lengths = []
+    for start in range(0, len(texts), 1000):
+        batch = texts[start:start + 1000]
+        lengths += map(len, (tokenizer(text_target=batch) if target else tokenizer(batch))["input_ids"])
+    return lengths
+
+
+def log_lengths(config: Config, tokenizer, log, splits: dict) -> None:
+    """One line before any training or evaluation: how many articles of each split max_source_length cuts and by
+    how much, and how many reference summaries are longer than max_new_tokens (a tokenizer pass over the data)."""
+    parts, long_summaries, summaries = [], 0, 0
+    for name, split in splits.items():
+        if len(split) == 0:
+            continue
+        rows = split.select(range(0, len(split), math.ceil(len(split) / LENGTH_CHECK_ROWS)))
+        cut = [n - config.max_source_length for n in token_lengths(
+            tokenizer, [config.source_prefix + text for text in rows[config.text_column]]) if n > config.max_source_length]
+        sample = f" (every {math.ceil(len(split) / LENGTH_CHECK_ROWS)}th)" if len(rows) < len(split) else ""
+        parts.append(f"{len(cut)} of {len(rows)} {name} articles{sample}"
+                     + (f" by {np.mean(cut):.0f} tokens on average (at most {max(cut)})" if cut else ""))
+        lengths = token_lengths(tokenizer, rows[config.summary_column], target=True)
+        long_summaries, summaries = long_summaries + sum(n > config.max_new_tokens for n in lengths), summaries + len(lengths)
+    if parts:
+        log(f"lengths: --max_source_length={config.max_source_length} cuts {'; '.join(parts)}; {long_summaries} of "
+            f"{summaries} reference summaries are longer than --max_new_tokens={config.max_new_tokens} tokens")
+
+
 def early_model_config(config: Config):
     """The model's config (config.json only), to check flags against before any data or weights load; None when it
     cannot be read here (load_policy_and_tokenizer then says why)."""
@@ -1839,6 +1873,8 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     held_out = load_eval_split(config, given, log)
     check_rouge_words(config, held_out)
     policy, tokenizer = load_policy_and_tokenizer(config, dist.device)
+    if dist.is_main:
+        log_lengths(config, tokenizer, log, {config.eval_split: held_out})
     policy.eval()
     settings = evaluation_settings(policy, tokenizer, config)
     data = (config.validation_file if config.eval_split == "validation" else config.test_file) or \

@@ -85,6 +85,8 @@ def test_a_run_at_exactly_the_positions_trains(short_bart_dir, data_files, tmp_p
                         "--micro_batch_size=4", "--eval_samples=2", "--sft_steps=1", "--sft_batch_size=2",
                         timeout=300)
     check_ok(result)
+    lengths = result.stderr.index("lengths: --max_source_length=64 cuts ")  # item 3: said first
+    assert lengths < result.stderr.index("sft: 1 steps") < result.stderr.index("eval step 0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,3 +157,27 @@ def test_equal_rewards_for_several_steps_are_warned_once(grpo, tmp_path):
     for number in range(grpo.EQUAL_REWARD_STEPS + 1, 3 * grpo.EQUAL_REWARD_STEPS + 1):
         step(number, 1.0)
     assert len(messages) == 1 and "no learning signal" in messages[0], messages
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Truncation counted over the data at the start
+# --------------------------------------------------------------------------------------------------
+def test_lengths_are_counted_over_both_splits_at_the_start(grpo, tiny_bart_dir):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bart_dir)  # one token per word, plus <s> and </s>
+    assert len(tokenizer("a b c")["input_ids"]) == 5 and len(tokenizer(text_target="a b c")["input_ids"]) == 5
+    words = lambda n: " ".join(["town"] * n)  # noqa: E731
+    train = datasets.Dataset.from_list([{"article": words(n), "highlights": words(s)} for n, s in ((3, 3), (10, 4), (20, 1))])
+    held_out = datasets.Dataset.from_list([{"article": words(5), "highlights": words(9)}])
+    messages = []
+    config = grpo.Config(max_source_length=6, max_new_tokens=5)
+    grpo.log_lengths(config, tokenizer, messages.append, {"training": train, "held-out": held_out})
+    # articles of 5, 12, 22 tokens: two cut, by 6 and 16; held out 7 tokens: cut by 1; summaries of 5, 6, 3, 11 tokens
+    assert messages == ["lengths: --max_source_length=6 cuts 2 of 3 training articles by 11 tokens on average (at most "
+                        "16); 1 of 1 held-out articles by 1 tokens on average (at most 1); 2 of 4 reference summaries "
+                        "are longer than --max_new_tokens=5 tokens"]
+    grpo.log_lengths(dataclasses.replace(config, source_prefix="summarize: "), tokenizer, messages.append,
+                     {"training": train.select([0])})  # the prefix counts: 2 more words
+    assert messages[-1].startswith("lengths: --max_source_length=6 cuts 1 of 1 training articles by 1 tokens")
