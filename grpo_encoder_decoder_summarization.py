@@ -1421,8 +1421,9 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
          "--test_file is read only with --eval_only=True --eval_split=test"),
         (not (config.eval_only and config.eval_split == "test" and config.validation_file),
          "--eval_only=True --eval_split=test scores --test_file (or the hub test split), not --validation_file"),
-        (not config.eval_only or not config.train_file,
-         "--eval_only=True reads no training data: pass the articles to score as --validation_file or --test_file"),
+        (not config.eval_only or not config.train_file or bool(config.validation_file or config.test_file),
+         "--eval_only=True does not score --train_file (training held out some of its rows): pass the articles to "
+         "score as --validation_file (or --test_file with --eval_split=test)"),
         (not config.eval_only or config.eval_samples >= 1,
          "--eval_only=True needs --eval_samples >= 1, or leave it out to score every article of the split"),
         (not config.eval_only or not (config.demo or config.benchmark or config.resume),
@@ -1852,7 +1853,12 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
         raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
                           "model's generation_config sets it (max_length): drop --max_new_tokens")
+    config = eval_only_target(config, given)
+    unread = sorted(given - EVAL_ONLY_FIELDS)
+    if unread:
+        note(f"note: --eval_only=True does not read {', '.join(f'--{name}' for name in unread)} (training flags)")
     config = checked_against_model(config, given)
+    check_trained_prefix(config)
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
     if os.path.exists(predictions_path) and not config.overwrite_output_dir:
         raise ConfigError(f"{predictions_path} exists from an earlier evaluation or run; pass another --output_dir, "
@@ -1888,6 +1894,7 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     record = dict(model=config.model_name, data=data, eval_split=config.eval_split, articles=len(per_article),
                   max_source_length=config.max_source_length, eval_decoding=config.eval_decoding,
                   generation=generation, sentence_splitter=sentence_splitter(), rouge_tokenizer=config.rouge_tokenizer,
+                  source_prefix=config.source_prefix,
                   seed=config.seed, **metrics)
     if dist.is_main:
         write_jsonl_atomic(predictions_path, per_article)
@@ -1896,6 +1903,53 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     log(f"written: {config.output_dir}/eval.jsonl (scores, {CONFIDENCE_LEVEL:.0%} bootstrap CIs) and "
         f"{predictions_path} (every article)")
     return 0
+
+
+EVAL_ONLY_FIELDS = frozenset({  # the flags --eval_only=True reads; any other given flag gets a note
+    "model_name", "trust_remote_code", "dataset_name", "dataset_config", "validation_file", "test_file", "text_column",
+    "summary_column", "source_prefix", "max_source_length", "max_new_tokens", "rouge_tokenizer", "eval_samples",
+    "eval_split", "eval_decoding", "eval_only", "eval_batch_size", "output_dir", "seed", "device",
+    "overwrite_output_dir"})
+
+
+def eval_only_target(config: Config, given: set[str]) -> Config:
+    """--eval_only=True pointed at a training run's --output_dir (its run_config.json): score the run's best/ (else
+    final/) into output_dir/eval_<best|final>_<split>, not the base --model_name the training command names."""
+    saved_path = os.path.join(config.output_dir, RUN_CONFIG_FILE)
+    if not os.path.isfile(saved_path):
+        return config
+    with open(saved_path, encoding="utf-8") as file:
+        saved = json.load(file)
+    models = {name: os.path.join(config.output_dir, name) for name in ("best", "final")}
+    chosen = [name for name, path in models.items()
+              if os.path.realpath(os.path.expanduser(config.model_name)) == os.path.realpath(path)]
+    if not chosen and "model_name" in given and config.model_name != saved.get("model_name"):
+        raise ConfigError(f"--output_dir={config.output_dir} holds a training run of another model; to score "
+                          f"--model_name={config.model_name}, pass an --output_dir of its own")
+    chosen = chosen or [name for name, path in models.items() if os.path.isdir(path)]
+    if not chosen:
+        raise UserError(f"--output_dir={config.output_dir} holds a training run with no best/ or final/ model yet; "
+                        "let it finish (or continue it with --resume=True), then evaluate again")
+    which = chosen[0]
+    target = os.path.join(config.output_dir, f"eval_{which}_{config.eval_split}")
+    what = f"the best held-out {saved.get('best_metric', 'score')} of training" if which == "best" else "the end of training"
+    note(f"eval-only: --output_dir={config.output_dir} is a training run: scoring its {which}/ ({what}) into {target}")
+    return dataclasses.replace(config, model_name=models[which], output_dir=target)
+
+
+def check_trained_prefix(config: Config) -> None:
+    """A one-line warning when the model was trained (by this script: run_config.json beside or above it) with
+    another --source_prefix than the one it is now scored with."""
+    model_dir = os.path.expanduser(config.model_name)
+    for path in (os.path.join(model_dir, RUN_CONFIG_FILE), os.path.join(os.path.dirname(model_dir.rstrip("/")),
+                                                                        RUN_CONFIG_FILE)):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                trained = json.load(file).get("source_prefix", "")
+            if trained != config.source_prefix:
+                note(f"warning: {config.model_name} was trained with --source_prefix={trained!r} ({path}) but is "
+                     f"scored with {config.source_prefix!r}: add --source_prefix={trained!r}")
+            return
 
 
 def summary_entities(text: str) -> set[str]:

@@ -181,3 +181,51 @@ def test_lengths_are_counted_over_both_splits_at_the_start(grpo, tiny_bart_dir):
     grpo.log_lengths(dataclasses.replace(config, source_prefix="summarize: "), tokenizer, messages.append,
                      {"training": train.select([0])})  # the prefix counts: 2 more words
     assert messages[-1].startswith("lengths: --max_source_length=6 cuts 1 of 1 training articles by 1 tokens")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Evaluation the Hugging Face way: the training command plus --eval_only=True
+# --------------------------------------------------------------------------------------------------
+def test_the_training_command_plus_eval_only_scores_the_runs_best_model(grpo, tiny_bart_dir, data_files, tmp_path,
+                                                                       capsys):
+    train, validation = data_files
+    out = tmp_path / "run"
+    command = [f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+               f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8", "--max_steps=1",
+               "--batch_size=2", "--group_size=2", "--micro_batch_size=4", "--eval_samples=4", "--learning_rate=1e-5"]
+    check_ok(run_script(*command, timeout=300))
+    assert grpo.main([*command, "--eval_only=True"]) == 0
+    err = capsys.readouterr().err
+    target = out / "eval_best_validation"
+    assert f"scoring its best/ (the best held-out rougeL of training) into {target}" in err
+    notes = [line for line in err.splitlines() if "does not read" in line]
+    assert notes == ["note: --eval_only=True does not read --batch_size, --group_size, --learning_rate, --max_steps, "
+                     "--micro_batch_size, --train_file (training flags)"]
+    record = read_jsonl(target / "eval.jsonl")[-1]
+    assert record["model"] == str(out / "best") and record["articles"] == 4 and record["source_prefix"] == ""
+    assert len(read_jsonl(target / "eval_predictions.jsonl")) == 4
+    assert "warning" not in err  # trained and scored with the same (empty) prefix
+    # the model scored with a prefix it was not trained with: one warning line
+    assert grpo.main(["--eval_only=True", f"--model_name={out / 'final'}", f"--validation_file={validation}",
+                      f"--output_dir={tmp_path / 'other'}", "--device=cpu", "--max_source_length=64",
+                      "--max_new_tokens=8", "--source_prefix=summarize: "]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "--source_prefix=''" in warnings[0], warnings
+    assert read_jsonl(tmp_path / "other" / "eval.jsonl")[-1]["source_prefix"] == "summarize: "
+
+
+def test_eval_only_refuses_only_what_would_score_other_articles(grpo, tmp_path, capsys):
+    # --train_file alone: training held out some of its rows, which eval-only cannot know; name the flag to use
+    assert grpo.main(["--eval_only=True", f"--train_file={tmp_path / 't.jsonl'}"]) == 2
+    error = capsys.readouterr().err
+    assert "--train_file" in error and "--validation_file" in error and len(error.splitlines()) == 1
+    # an --output_dir holding a training run of another model
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"model_name": "base"}), encoding="utf-8")
+    assert grpo.main(["--eval_only=True", f"--output_dir={tmp_path / 'run'}", "--model_name=other",
+                      f"--validation_file={tmp_path / 'v.jsonl'}"]) == 2
+    assert "pass an --output_dir of its own" in capsys.readouterr().err
+    # the run's own model, but it has not saved one yet
+    assert grpo.main(["--eval_only=True", f"--output_dir={tmp_path / 'run'}", "--model_name=base",
+                      f"--validation_file={tmp_path / 'v.jsonl'}"]) == 1
+    assert "no best/ or final/ model yet" in capsys.readouterr().err
