@@ -971,12 +971,15 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
 def evaluation_settings(model, tokenizer, config: Config):
     """Decoding for evaluation: greedy (the rollout's settings without sampling), or with --eval_decoding=checkpoint
     the model's own generation_config (num_beams, length_penalty, no_repeat_ngram_size, min/max_length,
-    early_stopping, forced tokens), as papers report it, e.g. facebook/bart-large-cnn's 4 beams."""
+    early_stopping, forced tokens), as papers report it, e.g. facebook/bart-large-cnn's 4 beams; max_new_tokens where
+    it sets no length."""
     if config.eval_decoding == "greedy":
         return generation_settings(model, tokenizer, config, sample=False)
     import copy
 
     settings = copy.deepcopy(model.generation_config)
+    if settings.max_length is None and settings.max_new_tokens is None:  # else generate() stops at 20 tokens
+        settings.max_new_tokens = config.max_new_tokens
     if settings.pad_token_id is None:
         settings.pad_token_id = tokenizer.pad_token_id
     if settings.eos_token_id is None:
@@ -1850,10 +1853,10 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     Appends one line to eval.jsonl and writes every article (index, reference, prediction, scores) to
     eval_predictions.jsonl, which it never overwrites.
     """
-    if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
+    config = eval_only_target(config, given)
+    if config.eval_decoding == "checkpoint" and "max_new_tokens" in given and checkpoint_sets_length(config):
         raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
                           "model's generation_config sets it (max_length): drop --max_new_tokens")
-    config = eval_only_target(config, given)
     unread = sorted(given - EVAL_ONLY_FIELDS)
     if unread:
         note(f"note: --eval_only=True does not read {', '.join(f'--{name}' for name in unread)} (training flags)")
@@ -1935,6 +1938,22 @@ def eval_only_target(config: Config, given: set[str]) -> Config:
     what = f"the best held-out {saved.get('best_metric', 'score')} of training" if which == "best" else "the end of training"
     note(f"eval-only: --output_dir={config.output_dir} is a training run: scoring its {which}/ ({what}) into {target}")
     return dataclasses.replace(config, model_name=models[which], output_dir=target)
+
+
+def checkpoint_sets_length(config: Config) -> bool:
+    """Whether the model's generation_config.json sets a length (max_length or max_new_tokens); True when it cannot
+    be read (a hub model offline), so that --max_new_tokens is accepted with --eval_decoding=checkpoint only where
+    it is the length used."""
+    from transformers import GenerationConfig
+
+    path = os.path.expanduser(config.model_name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "generation_config.json")):
+        return False
+    try:
+        settings = GenerationConfig.from_pretrained(path)
+    except Exception:
+        return True
+    return settings.max_length is not None or settings.max_new_tokens is not None
 
 
 def check_trained_prefix(config: Config) -> None:

@@ -229,3 +229,34 @@ def test_eval_only_refuses_only_what_would_score_other_articles(grpo, tmp_path, 
     assert grpo.main(["--eval_only=True", f"--output_dir={tmp_path / 'run'}", "--model_name=base",
                       f"--validation_file={tmp_path / 'v.jsonl'}"]) == 1
     assert "no best/ or final/ model yet" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. --eval_decoding=checkpoint on a generation_config without a length
+# --------------------------------------------------------------------------------------------------
+def test_checkpoint_decoding_without_a_length_uses_max_new_tokens(grpo, tiny_bart_dir, data_files, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bart_dir, model)
+    settings = GenerationConfig.from_pretrained(model)
+    settings.num_beams, settings.max_length, settings.max_new_tokens = 2, None, None
+    settings.save_pretrained(model)
+    assert not grpo.checkpoint_sets_length(grpo.Config(model_name=str(model)))
+    out = tmp_path / "eval"
+    assert grpo.main(["--eval_only=True", f"--model_name={model}", f"--validation_file={data_files[1]}",
+                      f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--eval_decoding=checkpoint",
+                      "--max_new_tokens=30", "--eval_samples=3"]) == 0, capsys.readouterr().err
+    record = read_jsonl(out / "eval.jsonl")[-1]
+    assert record["generation"]["max_new_tokens"] == 30 and record["generation"]["num_beams"] == 2
+    tokenizer = AutoTokenizer.from_pretrained(model)  # the untrained model rarely ends early: past 20 tokens
+    lengths = [len(tokenizer(r["prediction"])["input_ids"]) for r in read_jsonl(out / "eval_predictions.jsonl")]
+    assert max(lengths) > 22, lengths
+    # a generation_config that sets a length keeps refusing --max_new_tokens, before anything is written
+    settings.max_length = 12
+    settings.save_pretrained(model)
+    assert grpo.main(["--eval_only=True", f"--model_name={model}", f"--validation_file={data_files[1]}",
+                      f"--output_dir={tmp_path / 'eval2'}", "--eval_decoding=checkpoint", "--max_new_tokens=30"]) == 2
+    assert "drop --max_new_tokens" in capsys.readouterr().err and not (tmp_path / "eval2").exists()
