@@ -1294,6 +1294,7 @@ def finish_run(run: Run) -> None:
                                                                    dist.device, dist, log)
         if dist.is_main:
             report_demo(config, control, control_per_article, control_curve)
+    log(files_to_open(config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -3092,6 +3093,26 @@ def check_finished_demo_seed(output_dir: str, config: Config) -> None:
                       "--overwrite_output_dir=True instead of --resume=True")
 
 
+def files_to_open(config: Config) -> str:
+    """The last line of a run: the files a user should open."""
+    out = config.output_dir
+    if config.demo:
+        return (f"open: {out}/comparison.json (the table, curves and paired intervals), {out}/comparison.png (the "
+                f"curves), {out}/eval_examples.jsonl (summaries before and after GRPO)")
+    if config.max_steps == 0:
+        return f"open: {out}/final (the model){f', {out}/eval.jsonl (held-out scores)' if config.eval_samples else ''}"
+    held_out = f"{out}/eval.jsonl (held-out scores), {out}/best (the best model so far), " if config.eval_samples else ""
+    return (f"open: {out}/curves.png (reward, KL, held-out ROUGE), {held_out}{out}/metrics.jsonl (every step), "
+            f"{out}/final (the model)")
+
+
+def finished_demo(config: Config, given: set[str]) -> int:
+    """--demo --resume=True on a finished demo: check it was run with these flags, name its files, exit 0."""
+    check_finished_demo_seed(config.output_dir, pointed_at_demo_files(config, given))
+    note(f"the demo in {config.output_dir} is finished; nothing to resume. {files_to_open(config)}")
+    return 0
+
+
 def run_demo_seeds(config: Config, given: set[str]) -> int:
     """--demo --demo_seeds=n: the demo for seeds seed..seed+n-1, each in output_dir/seed_N; then the table of
     means and spreads over seeds, also written to output_dir/comparison_seeds.json."""
@@ -3136,6 +3157,7 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
             f"{name.replace('_minus_', ' - ')} {r[name]['rougeL_change']:+.4f} "
             f"[{r[name]['rougeL_change_ci_low']:+.4f}, {r[name]['rougeL_change_ci_high']:+.4f}]"
             for name in ("grpo_minus_control", "control_minus_start")))
+    note(f"open: {summary_file} (the table over seeds), {config.output_dir}/seed_N/comparison.png (each seed's curves)")
     return 0
 
 
@@ -3300,6 +3322,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
         json.dump(result, file, indent=1)
     for key, value in result.items():
         print(f"{key:<30}{value:>14.4f}" if isinstance(value, float) else f"{key:<30}{value!s:>14}")
+    note(f"open: {config.output_dir}/benchmark.json (these numbers)")
     return 0
 
 
@@ -3320,7 +3343,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo_seeds(config, given)
         if config.benchmark:
             return run_benchmark(*start_process(config, given))
-        return train(checked_against_model(config, given), given)
+        if config.demo and config.resume and os.path.exists(os.path.join(config.output_dir, "comparison.json")):
+            return finished_demo(config, given)
+        return train(config if config.demo else checked_against_model(config, given), given)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

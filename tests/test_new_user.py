@@ -193,7 +193,9 @@ def test_the_training_command_plus_eval_only_scores_the_runs_best_model(grpo, ti
     command = [f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
                f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8", "--max_steps=1",
                "--batch_size=2", "--group_size=2", "--micro_batch_size=4", "--eval_samples=4", "--learning_rate=1e-5"]
-    check_ok(run_script(*command, timeout=300))
+    result = run_script(*command, timeout=300)
+    check_ok(result)
+    assert result.stderr.strip().splitlines()[-1].startswith(f"open: {out}/curves.png")  # item 6: the files to open
     assert grpo.main([*command, "--eval_only=True"]) == 0
     err = capsys.readouterr().err
     target = out / "eval_best_validation"
@@ -260,3 +262,23 @@ def test_checkpoint_decoding_without_a_length_uses_max_new_tokens(grpo, tiny_bar
     assert grpo.main(["--eval_only=True", f"--model_name={model}", f"--validation_file={data_files[1]}",
                       f"--output_dir={tmp_path / 'eval2'}", "--eval_decoding=checkpoint", "--max_new_tokens=30"]) == 2
     assert "drop --max_new_tokens" in capsys.readouterr().err and not (tmp_path / "eval2").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. A finished demo resumed: one line, exit 0, the files named
+# --------------------------------------------------------------------------------------------------
+def test_resuming_a_finished_demo_names_its_files_and_trains_nothing(grpo, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    out.mkdir()
+    config, given = grpo.parse_args(["--demo", f"--output_dir={out}"])
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(grpo.pointed_at_demo_files(config, given))))
+    comparison = {key: 0 for key in grpo.DEMO_REPORT_KEYS}
+    comparison.update({row: {key: 0.0 for key in grpo.COMPARISON_KEYS} for row in ("start", "control", "grpo")})
+    (out / "comparison.json").write_text(json.dumps(comparison))
+    monkeypatch.setattr(grpo, "train", lambda *args: pytest.fail("a finished demo must not train again"))
+    assert grpo.main(["--demo", f"--output_dir={out}", "--resume=True"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{out}/comparison.json" in lines[0] and f"{out}/comparison.png" in lines[0], lines
+    # other flags than the finished run's: refused, as for the seeds of --demo_seeds
+    assert grpo.main(["--demo", f"--output_dir={out}", "--resume=True", "--max_steps=7"]) == 2
+    assert "--overwrite_output_dir=True" in capsys.readouterr().err
