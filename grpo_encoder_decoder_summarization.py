@@ -1011,20 +1011,24 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
     """
     settings = evaluation_settings(policy, tokenizer, config)
     mine = list(range(dist.rank, len(held_out), dist.world_size))
-    predictions = []
+    predictions, special_only = [], []
     for start in range(0, len(mine), config.eval_batch_size):
         rows = held_out[mine[start:start + config.eval_batch_size]]
         encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
         with autocast(device):
             output = generate(policy, encoded, settings)
         predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
-    predictions = dist.gather_in_order(list(zip(mine, predictions)))
+        special_only += special_token_summaries(policy, tokenizer, output)
+    predictions, special_only = zip(*dist.gather_in_order(list(zip(mine, zip(predictions, special_only)))))
+    predictions = list(predictions)
     articles, references = held_out[config.text_column], held_out[config.summary_column]
     metrics, scores = score_summaries(predictions, references, config.seed, config.rouge_tokenizer)
     metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
     metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
     metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
     metrics.update(summary_quality(predictions, references, articles))
+    metrics.update(empty_summaries=sum(not p.strip() for p in predictions) / len(predictions),
+                   special_token_summaries=sum(special_only) / len(predictions))
     examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
                 for i in range(min(config.num_examples, len(predictions)))]
     per_article = [{"index": i, "reference": references[i], "prediction": predictions[i],
@@ -1892,6 +1896,7 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     log(f"eval-only: {config.model_name} on {len(held_out)} articles of {data} ({config.eval_split}), "
         f"{config.eval_decoding} decoding")
     metrics, _, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    warn_empty_summaries(metrics, len(per_article), log)
     generation = {key: getattr(settings, key, None) for key in (
         "num_beams", "do_sample", "length_penalty", "no_repeat_ngram_size", "min_length", "max_length",
         "max_new_tokens", "early_stopping", "forced_bos_token_id", "forced_eos_token_id")}
@@ -1972,6 +1977,24 @@ def check_trained_prefix(config: Config) -> None:
             return
 
 
+def special_token_summaries(model, tokenizer, output: torch.Tensor) -> list[bool]:
+    """For each generated row (N, T): whether it holds tokens but only special ones beyond the start, end, padding
+    and forced first token, so that its decoded summary is empty (e.g. a model that emits only <mask> or <unk>)."""
+    structural = {tokenizer.pad_token_id, tokenizer.eos_token_id, decoder_start_token_id(model),
+                  forced_bos_token_id(model)}
+    special = set(tokenizer.all_special_ids) - structural
+    return [bool(row) and all(token in special or token in structural for token in row)
+            and any(token in special for token in row) for row in output[:, 1:].tolist()]
+
+
+def warn_empty_summaries(metrics: dict, count: int, log) -> None:
+    """One warning line when some evaluated summaries are empty, saying how many were only special tokens."""
+    if metrics.get("empty_summaries"):
+        log(f"warning: {round(metrics['empty_summaries'] * count)} of {count} held-out summaries are empty "
+            f"({round(metrics['special_token_summaries'] * count)} made only of special tokens): ROUGE, gen_length "
+            "and the examples show nothing for them")
+
+
 def summary_entities(text: str) -> set[str]:
     """Numbers and capitalised words that do not start a sentence (names, places), lowercased.
 
@@ -1988,7 +2011,8 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
     """Content and reward-hacking measures of summaries (words and punctuation are runs of \\w / of other
     non-space characters), each averaged over the summaries:
 
-      entity_recall        share of the reference's entities (summary_entities) found among the summary's words
+      entity_recall        share of the reference's entities (summary_entities) found among the summary's words,
+                           averaged over the summaries whose reference has entities (None if none has)
       invented_entities    share of the summary's entities whose word is not in the article: facts made up. Its
                            entities are its numbers and names: its own capitalised words inside a sentence, and
                            the words that the articles and references scored with it write capitalised inside a
@@ -1996,10 +2020,10 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
       invented_summaries   share of the summaries with at least one such invented entity
       repeated_trigrams    share of the summary's word 3-grams that already occurred earlier in it: loops
       punctuation_fraction share of the summary's tokens that are punctuation: " . . . ." padding costs no ROUGE
-      trailing_punctuation punctuation tokens after the last word, minus 1 (0 for a summary ending in one ".")
+      trailing_punctuation punctuation runs after the last word, minus 1 (0 for one ".", "..." or "%."; 3 for ". . . .")
       top_summary_share    share of all summaries equal to the most common one: collapse to a few strings
     """
-    totals = Counter()
+    totals, recalled = Counter(), []
     texts = (*articles, *references)  # proper names: capitalised inside a sentence, never written in lowercase
     lowercase = {w for text in texts for w in re.findall(r"\w+", text) if w.islower()}
     names = {w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase
@@ -2007,20 +2031,22 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
         words = {w.lower() for w in re.findall(r"\w+", prediction)}
         wanted, made = summary_entities(reference), summary_entities(prediction) | (words & names)
         article_words = {w.lower() for w in re.findall(r"\w+", article)}
-        totals["entity_recall"] += len(wanted & words) / len(wanted) if wanted else 1.0
+        if wanted:  # a reference without entities leaves the summary out of the mean
+            recalled.append(len(wanted & words) / len(wanted))
         totals["invented_entities"] += len(made - article_words) / len(made) if made else 0.0
         totals["invented_summaries"] += bool(made - article_words)
         trigrams = list(zip(*(re.findall(r"\w+", prediction.lower())[i:] for i in range(3))))
         totals["repeated_trigrams"] += (len(trigrams) - len(set(trigrams))) / len(trigrams) if trigrams else 0.0
-        tokens = re.findall(r"\w+|[^\w\s]", prediction)
+        tokens = re.findall(r"\w+|[^\w\s]+", prediction)  # punctuation runs: "..." and "%." are one each
         punctuation = [not re.match(r"\w", t) for t in tokens]
         totals["punctuation_fraction"] += sum(punctuation) / len(tokens) if tokens else 0.0
         trailing = len(punctuation) - max((i + 1 for i, p in enumerate(punctuation) if not p), default=0)
         totals["trailing_punctuation"] += max(trailing - 1, 0)
     count = max(len(predictions), 1)
-    metrics = {key: totals[key] / count for key in ("entity_recall", "invented_entities", "invented_summaries",
+    metrics = {key: totals[key] / count for key in ("invented_entities", "invented_summaries",
                                                     "repeated_trigrams", "punctuation_fraction",
                                                     "trailing_punctuation")}
+    metrics = {"entity_recall": float(np.mean(recalled)) if recalled else None, **metrics}
     metrics["top_summary_share"] = Counter(predictions).most_common(1)[0][1] / count if predictions else 0.0
     return metrics
 
@@ -2103,6 +2129,7 @@ def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: Tr
     if len(held_out) == 0:
         return {}
     metrics, examples, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    warn_empty_summaries(metrics, len(per_article), log)
     metrics.update(articles=len(per_article), eval_decoding=config.eval_decoding, sentence_splitter=sentence_splitter(),
                    rouge_tokenizer=config.rouge_tokenizer)
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")

@@ -282,3 +282,51 @@ def test_resuming_a_finished_demo_names_its_files_and_trains_nothing(grpo, tmp_p
     # other flags than the finished run's: refused, as for the seeds of --demo_seeds
     assert grpo.main(["--demo", f"--output_dir={out}", "--resume=True", "--max_steps=7"]) == 2
     assert "--overwrite_output_dir=True" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Degenerate summaries: empty ones, special tokens only, entity recall, punctuation runs
+# --------------------------------------------------------------------------------------------------
+def test_a_model_emitting_only_special_tokens_is_reported(grpo, tiny_bart_dir, data_files):
+    import datasets
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_bart_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bart_dir)
+    with torch.no_grad():
+        model.final_logits_bias[0, tokenizer.unk_token_id] = 1e4  # every step: the unknown token
+    held_out = datasets.Dataset.from_list(read_jsonl(data_files[1])[:3])
+    config = grpo.Config(max_source_length=64, max_new_tokens=6, eval_batch_size=2, num_examples=1)
+    metrics, examples, _ = grpo.evaluate(model, tokenizer, held_out, config, torch.device("cpu"), grpo.Distributed())
+    assert metrics["empty_summaries"] == metrics["special_token_summaries"] == 1.0
+    assert metrics["gen_length"] == 0.0 and examples[0]["prediction"] == ""
+    assert metrics["entity_recall"] == 0.0  # every synthetic reference names people or numbers
+    messages = []
+    grpo.warn_empty_summaries(metrics, 3, messages.append)
+    assert messages == ["warning: 3 of 3 held-out summaries are empty (3 made only of special tokens): ROUGE, "
+                        "gen_length and the examples show nothing for them"]
+    grpo.warn_empty_summaries({"empty_summaries": 0.0, "special_token_summaries": 0.0}, 3, messages.append)
+    assert len(messages) == 1
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    start = model.config.decoder_start_token_id
+    rows = torch.tensor([[start, eos, pad, pad], [start, tokenizer.unk_token_id, eos, pad]])
+    assert grpo.special_token_summaries(model, tokenizer, rows) == [False, True]  # empty, but no special token
+
+
+def test_entity_recall_of_empty_summaries_and_punctuation_runs_hand_cases(grpo):
+    # an empty summary: recall 0 where the reference has entities, left out of the mean where it has none
+    quality = grpo.summary_quality(["", ""], ["Sales up 4 percent.", "sales rose."], ["a", "b"])
+    assert quality["entity_recall"] == 0.0
+    assert grpo.summary_quality(["", "x"], ["sales rose.", "no names"], ["a", "b"])["entity_recall"] is None
+    quality = grpo.summary_quality(["said 4", ""], ["Sales up 4 percent.", "Ann said so, said Bo."], ["a", "b"])
+    assert quality["entity_recall"] == pytest.approx((1 + 0) / 2)
+
+    def trailing(text):
+        return grpo.summary_quality([text], ["r"], ["a"])["trailing_punctuation"]
+
+    assert trailing("It is done...") == 0  # one run: the sentence's end
+    assert trailing("Profit rose 3.5%.") == 0  # "%." is one run
+    assert trailing("It is done . . . .") == 3  # four runs, one of them the sentence's end
+    assert trailing("Done!! ??") == 1 and trailing("no end") == 0 and trailing("...") == 0
+    assert grpo.summary_quality(["a ... b"], ["r"], ["x"])["punctuation_fraction"] == pytest.approx(1 / 3)
