@@ -46,7 +46,7 @@ How to run:
   python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
   python grpo_encoder_decoder_summarization.py --train_file=train.jsonl --validation_file=val.jsonl
   torchrun --standalone --nproc_per_node=4 grpo_encoder_decoder_summarization.py --batch_size=4
-Every field of Config below can be set as --name=value; edit the defaults here to change a run for good.
+Every field of Config below can be set as --name=value (or --name value); edit the defaults here to change a run for good.
 """
 
 from __future__ import annotations
@@ -1350,7 +1350,8 @@ def config_groups() -> list[tuple[str, list[tuple[str, str, str]]]]:
 
 def help_text() -> str:
     """What --help prints: every flag, grouped as in Config, with its default and its comment."""
-    lines = [f"usage: python {os.path.basename(__file__)} [--name=value ...]   (a bare --name sets a bool to True)",
+    lines = [f"usage: python {os.path.basename(__file__)} [--name=value | --name value ...]   (a bare --name sets a bool "
+             "to True)",
              "Every field of Config is a flag; edit its default at the top of the script to change it for good."]
     for heading, fields in config_groups():
         lines.append(f"\n{heading}:")
@@ -1362,9 +1363,11 @@ def help_text() -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
-    """Parse --name=value flags (a bare --name sets a bool to True). Returns the config and the names given."""
+    """Parse --name=value or --name value flags (a bare --name sets a bool to True). Returns the config and the names
+    given."""
     hints = typing.get_type_hints(Config)
     values: dict[str, object] = {}
+    argv = spaced_values_joined(argv, hints)
     for arg in argv:
         name, has_value, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or name not in hints:
@@ -1375,13 +1378,64 @@ def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
             raise ConfigError(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else "")
                               + f"; options are --name=value with name one of: {known} (--help explains them)")
         if not has_value and hints[name] is not bool:
-            raise ConfigError(f"--{name} needs a value: --{name}=...")
+            raise ConfigError(f"--{name} needs a value: --{name}=... or --{name} ...")
         values[name] = parse_value(name, text, hints[name]) if has_value else True
     config = Config(**values)
     if config.demo or config.benchmark:  # demo defaults, except where the user said otherwise
         defaults = {**DEMO_CONFIG, **(BENCHMARK_CONFIG if config.benchmark else {})}
         config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if k not in values})
     return config, set(values)
+
+
+BOOL_WORDS = ("1", "true", "yes", "0", "false", "no")  # what parse_value reads as a bool
+
+
+def spaced_values_joined(argv: list[str], hints: dict) -> list[str]:
+    """--name value (argparse's form) as --name=value: a flag's next argument is its value unless it starts with --;
+    a bool flag takes it only if it is a bool word (true, false, ...)."""
+    joined, position = [], 0
+    while position < len(argv):
+        arg, position = argv[position], position + 1
+        name = arg.removeprefix("--")
+        if (arg.startswith("--") and "=" not in arg and name in hints and position < len(argv)
+                and not argv[position].startswith("--")
+                and (hints[name] is not bool or argv[position].lower() in BOOL_WORDS)):
+            arg, position = f"{arg}={argv[position]}", position + 1
+        joined.append(arg)
+    return joined
+
+
+HUB_PROBE_SECONDS = 3  # how long the start waits to learn whether the Hugging Face hub can be reached
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, default huggingface.co) opens within timeout seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline_if_hub_unreachable(config: Config) -> None:
+    """When the run needs the hub (a hub model or dataset) and it cannot be reached, switch the libraries to their
+    offline mode with a note, so that cached files load and missing ones fail at once instead of after retries."""
+    needs_hub = not os.path.isdir(os.path.expanduser(config.model_name)) or not (
+        config.train_file or config.validation_file or config.test_file or config.demo or config.benchmark)
+    proxy = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not needs_hub or hub_offline() or proxy or config.demo or config.benchmark or hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # already imported: they read the variable at import
+            setattr(sys.modules[module], attribute, True)
+    note(f"note: the Hugging Face hub ({os.environ.get('HF_ENDPOINT') or 'huggingface.co'}) is unreachable, so only "
+         "cached models and datasets are used (HF_HUB_OFFLINE=1)")
 
 
 def validate_config(config: Config, given: set[str] = frozenset()) -> None:
@@ -3363,6 +3417,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, given = parse_args(argv)
+        go_offline_if_hub_unreachable(config)
         validate_config(config, given)
         if config.eval_only:
             return evaluate_only(config, given)

@@ -330,3 +330,49 @@ def test_entity_recall_of_empty_summaries_and_punctuation_runs_hand_cases(grpo):
     assert trailing("It is done . . . .") == 3  # four runs, one of them the sentence's end
     assert trailing("Done!! ??") == 1 and trailing("no end") == 0 and trailing("...") == 0
     assert grpo.summary_quality(["a ... b"], ["r"], ["x"])["punctuation_fraction"] == pytest.approx(1 / 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Flags the way people type them; no minute of retries when the hub is unreachable
+# --------------------------------------------------------------------------------------------------
+def test_name_space_value_is_accepted_for_every_kind_of_flag(grpo):
+    config, given = grpo.parse_args(["--max_steps", "5", "--learning_rate", "3e-6", "--source_prefix", "summarize: ",
+                                     "--resume", "True", "--demo", "--epsilon_high", "None", "--seed=4",
+                                     "--overwrite_output_dir", "--beta", "-0.5"])
+    assert (config.max_steps, config.learning_rate, config.source_prefix, config.resume, config.demo) == (
+        5, 3e-6, "summarize: ", True, True)
+    assert config.epsilon_high is None and config.seed == 4 and config.overwrite_output_dir and config.beta == -0.5
+    assert given == {"max_steps", "learning_rate", "source_prefix", "resume", "demo", "epsilon_high", "seed",
+                     "overwrite_output_dir", "beta"}
+    assert grpo.parse_args(["--resume", "false"])[0].resume is False
+    with pytest.raises(grpo.ConfigError, match="unknown option 'somewhere'"):  # a bool takes only a bool word
+        grpo.parse_args(["--demo", "somewhere"])
+    with pytest.raises(grpo.ConfigError, match="--max_steps needs a value"):
+        grpo.parse_args(["--max_steps", "--seed=1"])
+
+
+def test_an_unreachable_hub_switches_to_offline_mode_at_once(grpo, monkeypatch, capsys):
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                 "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def refused(address, timeout):
+        calls.append((address, timeout))
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    grpo.go_offline_if_hub_unreachable(grpo.Config())  # the hub model and dataset
+    assert calls == [(("huggingface.co", 443), grpo.HUB_PROBE_SECONDS)]
+    assert grpo.hub_offline() and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert "unreachable" in capsys.readouterr().err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls.clear()
+    grpo.go_offline_if_hub_unreachable(grpo.Config(demo=True))  # the demo needs no hub: no probe
+    assert calls == [] and not grpo.hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
