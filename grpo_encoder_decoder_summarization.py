@@ -1118,6 +1118,7 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     policy, tokenizer = load_policy_and_tokenizer(config, device)
     if dist.is_main:
         log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
+    check_model_runs(policy, tokenizer, device)
     set_grpo_mode(policy, config)
 
     def forward_of(model):  # the training forward: compiled and/or DDP-wrapped as asked
@@ -1646,6 +1647,23 @@ def log_lengths(config: Config, tokenizer, log, splits: dict) -> None:
     if parts:
         log(f"lengths: --max_source_length={config.max_source_length} cuts {'; '.join(parts)}; {long_summaries} of "
             f"{summaries} reference summaries are longer than --max_new_tokens={config.max_new_tokens} tokens")
+
+
+@torch.no_grad()
+def check_model_runs(policy, tokenizer, device) -> None:
+    """Two tiny samples and their scoring pass at the start (random state kept), so that an architecture which loads
+    but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run."""
+    encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
+            sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
+                                              with_logprobs=False)
+            GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1], 2)
+    except Exception as error:
+        raise UserError(f"{policy.config.model_type} models load but cannot run this script's sampler and scoring "
+                        f"pass ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); use "
+                        "another encoder-decoder (BART, T5, Pegasus, ...)") from None
 
 
 def early_model_config(config: Config):

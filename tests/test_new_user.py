@@ -376,3 +376,39 @@ def test_an_unreachable_hub_switches_to_offline_mode_at_once(grpo, monkeypatch, 
     grpo.go_offline_if_hub_unreachable(grpo.Config(demo=True))  # the demo needs no hub: no probe
     assert calls == [] and not grpo.hub_offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. An architecture that loads but cannot sample: one line at the start
+# --------------------------------------------------------------------------------------------------
+def test_switch_transformers_fail_in_one_line_at_the_start(grpo, tmp_path, data_files, capsys):
+    import torch
+    from transformers import ByT5Tokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    model_dir = tmp_path / "switch"
+    tokenizer = ByT5Tokenizer()
+    config = SwitchTransformersConfig(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                      num_heads=2, num_experts=2, expert_capacity=4, decoder_start_token_id=0,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    SwitchTransformersForConditionalGeneration(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train, validation = data_files
+    out = tmp_path / "run"
+    assert grpo.main([f"--model_name={model_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                      f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: switch_transformers models load but cannot run") and "router_logits" in error
+    assert not (out / "run_config.json").exists()
+
+
+def test_the_start_check_keeps_the_random_state(grpo, tiny_t5_dir):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), AutoTokenizer.from_pretrained(tiny_t5_dir)
+    model.train()
+    torch.manual_seed(3)
+    grpo.check_model_runs(model, tokenizer, torch.device("cpu"))
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(3)) and model.training  # same draws after it; the mode restored
