@@ -1293,7 +1293,9 @@ def finish_run(run: Run) -> None:
     if dist.is_main:
         save_pretrained_atomic(run.policy, run.tokenizer, os.path.join(config.output_dir, "final"))
         plot_curves(config.output_dir)
-        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
+        metrics_file = os.path.join(config.output_dir, "metrics.jsonl")  # none with --max_steps=0
+        log(f"done: model in {config.output_dir}/final" + (f", metrics in {metrics_file}" if os.path.exists(metrics_file)
+                                                           else ""))
     if config.demo:  # the control: the same start, trained max_steps more SFT steps instead of GRPO
         control, control_per_article, control_curve = demo_control(config, run.train_rows, run.held_out,
                                                                    dist.device, dist, log)
@@ -1796,7 +1798,7 @@ def load_data(config: Config, log) -> tuple["datasets.Dataset", "datasets.Datase
             count = min(config.eval_samples, len(train) // 10 or 1)
             split = train.train_test_split(test_size=count, seed=config.seed)
             train, held_out = split["train"], split["test"]
-            log(f"no --validation_file: holding out {count} training rows for evaluation")
+            log(f"no --validation_file: holding out {count} training row{'s' if count != 1 else ''} for evaluation")
     else:
         try:
             hub = datasets.load_dataset(config.dataset_name, config.dataset_config)
@@ -2175,14 +2177,14 @@ def prepare_output_dir(config: Config, log) -> None:
 def write_json_atomic(path: str, record: dict) -> None:
     """Write one JSON object to path.tmp, then rename it over path: a kill never leaves half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        json.dump(record, file, indent=1)
+        json.dump(record, file, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
 
 
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
     """Write records as JSON Lines to path.tmp, then rename it over path: a kill never leaves half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record) + "\n" for record in records)
+        file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     os.replace(path + ".tmp", path)
 
 
@@ -2222,7 +2224,7 @@ def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: Tr
         for example in examples:
             append_jsonl(os.path.join(config.output_dir, "eval_examples.jsonl"), {"step": step, **example})
         with open(predictions_path, "a", encoding="utf-8") as file:
-            file.writelines(json.dumps({"step": step, **record}) + "\n" for record in per_article)
+            file.writelines(json.dumps({"step": step, **record}, ensure_ascii=False) + "\n" for record in per_article)
         if metrics[config.best_metric] > state.best_score:
             save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "best"))
     state.best_score = max(state.best_score, metrics[config.best_metric])
@@ -2398,7 +2400,7 @@ def keep_lines_up_to(path: str, step: int) -> None:
             except json.JSONDecodeError:  # a line torn by the kill
                 continue
             if record["step"] <= step:
-                kept.append(json.dumps(record) + "\n")
+                kept.append(json.dumps(record, ensure_ascii=False) + "\n")
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         file.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -2406,7 +2408,7 @@ def keep_lines_up_to(path: str, step: int) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")  # UTF-8 text, not \u escapes
 
 
 class Trackers:
@@ -2627,8 +2629,8 @@ def have_punkt() -> bool:
         nltk.data.find("tokenizers/punkt_tab/english/")
         return True
     except (ImportError, LookupError):
-        print("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "
-              "(install it with: python -m nltk.downloader punkt_tab)", file=sys.stderr)
+        note("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "  # rank 0 only
+             "(install it with: python -m nltk.downloader punkt_tab)")
         return False
 
 

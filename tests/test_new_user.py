@@ -412,3 +412,47 @@ def test_the_start_check_keeps_the_random_state(grpo, tiny_t5_dir):
     after = torch.rand(3)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(3)) and model.training  # same draws after it; the mode restored
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Smaller: the punkt note on rank 0 only, "1 training row", UTF-8 JSONL, --max_steps=0's last lines
+# --------------------------------------------------------------------------------------------------
+def test_punkt_note_is_printed_by_the_first_process_only(grpo, monkeypatch, capsys):
+    import nltk
+
+    def missing(*args, **kwargs):
+        raise LookupError("no punkt_tab")
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        grpo.have_punkt.cache_clear()
+        assert grpo.have_punkt() is False
+        assert ("punkt_tab is not installed" in capsys.readouterr().err) is printed
+    grpo.have_punkt.cache_clear()
+
+
+def test_one_held_out_row_is_singular_and_jsonl_is_utf8(grpo, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"article": f"статья {i}", "highlights": "итог"}) + "\n" for i in range(5)),
+                     encoding="utf-8")
+    messages = []
+    grpo.load_data(grpo.Config(train_file=str(train)), messages.append)
+    assert "no --validation_file: holding out 1 training row for evaluation" in messages
+    path = tmp_path / "out.jsonl"
+    grpo.append_jsonl(str(path), {"prediction": "Привет мир"})
+    grpo.write_jsonl_atomic(str(tmp_path / "all.jsonl"), [{"prediction": "Привет"}])
+    assert "Привет мир" in path.read_text(encoding="utf-8") and "Привет" in (tmp_path / "all.jsonl").read_text("utf-8")
+
+
+def test_max_steps_0_names_only_files_that_exist(tiny_t5_dir, data_files, tmp_path):
+    train, validation = data_files
+    out = tmp_path / "run"
+    result = run_script(f"--model_name={tiny_t5_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                        f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8",
+                        "--max_steps=0", "--eval_samples=2", timeout=300)
+    check_ok(result)
+    assert "metrics.jsonl" not in result.stderr and not (out / "metrics.jsonl").exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"open: {out}/final (the model), {out}/eval.jsonl (held-out scores)"
+    assert (out / "final").is_dir() and (out / "eval.jsonl").exists()
