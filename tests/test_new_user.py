@@ -206,12 +206,12 @@ def test_the_training_command_plus_eval_only_scores_the_runs_best_model(grpo, ti
     record = read_jsonl(target / "eval.jsonl")[-1]
     assert record["model"] == str(out / "best") and record["articles"] == 4 and record["source_prefix"] == ""
     assert len(read_jsonl(target / "eval_predictions.jsonl")) == 4
-    assert "warning" not in err  # trained and scored with the same (empty) prefix
+    assert "trained with --source_prefix" not in err  # trained and scored with the same (empty) prefix
     # the model scored with a prefix it was not trained with: one warning line
     assert grpo.main(["--eval_only=True", f"--model_name={out / 'final'}", f"--validation_file={validation}",
                       f"--output_dir={tmp_path / 'other'}", "--device=cpu", "--max_source_length=64",
                       "--max_new_tokens=8", "--source_prefix=summarize: "]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "trained with --source_prefix" in line]
     assert len(warnings) == 1 and "--source_prefix=''" in warnings[0], warnings
     assert read_jsonl(tmp_path / "other" / "eval.jsonl")[-1]["source_prefix"] == "summarize: "
 
