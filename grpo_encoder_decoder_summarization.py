@@ -1294,8 +1294,8 @@ def finish_run(run: Run) -> None:
         save_pretrained_atomic(run.policy, run.tokenizer, os.path.join(config.output_dir, "final"))
         plot_curves(config.output_dir)
         metrics_file = os.path.join(config.output_dir, "metrics.jsonl")  # none with --max_steps=0
-        log(f"done: model in {config.output_dir}/final" + (f", metrics in {metrics_file}" if os.path.exists(metrics_file)
-                                                           else ""))
+        log(f"done: model in {config.output_dir}/final"
+            + (f", metrics in {metrics_file}" if os.path.exists(metrics_file) else ""))
     if config.demo:  # the control: the same start, trained max_steps more SFT steps instead of GRPO
         control, control_per_article, control_curve = demo_control(config, run.train_rows, run.held_out,
                                                                    dist.device, dist, log)
@@ -1639,13 +1639,14 @@ def log_lengths(config: Config, tokenizer, log, splits: dict) -> None:
         if len(split) == 0:
             continue
         rows = split.select(range(0, len(split), math.ceil(len(split) / LENGTH_CHECK_ROWS)))
-        cut = [n - config.max_source_length for n in token_lengths(
-            tokenizer, [config.source_prefix + text for text in rows[config.text_column]]) if n > config.max_source_length]
+        articles = [config.source_prefix + text for text in rows[config.text_column]]
+        cut = [n - config.max_source_length for n in token_lengths(tokenizer, articles) if n > config.max_source_length]
         sample = f" (every {math.ceil(len(split) / LENGTH_CHECK_ROWS)}th)" if len(rows) < len(split) else ""
         parts.append(f"{len(cut)} of {len(rows)} {name} articles{sample}"
                      + (f" by {np.mean(cut):.0f} tokens on average (at most {max(cut)})" if cut else ""))
         lengths = token_lengths(tokenizer, rows[config.summary_column], target=True)
-        long_summaries, summaries = long_summaries + sum(n > config.max_new_tokens for n in lengths), summaries + len(lengths)
+        long_summaries += sum(n > config.max_new_tokens for n in lengths)
+        summaries += len(lengths)
     if parts:
         log(f"lengths: --max_source_length={config.max_source_length} cuts {'; '.join(parts)}; {long_summaries} of "
             f"{summaries} reference summaries are longer than --max_new_tokens={config.max_new_tokens} tokens")
@@ -1674,7 +1675,8 @@ def early_model_config(config: Config):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(config.model_name), trust_remote_code=config.trust_remote_code)
+        return AutoConfig.from_pretrained(os.path.expanduser(config.model_name),
+                                          trust_remote_code=config.trust_remote_code)
     except Exception:
         return None
 
@@ -2015,7 +2017,8 @@ def eval_only_target(config: Config, given: set[str]) -> Config:
                         "let it finish (or continue it with --resume=True), then evaluate again")
     which = chosen[0]
     target = os.path.join(config.output_dir, f"eval_{which}_{config.eval_split}")
-    what = f"the best held-out {saved.get('best_metric', 'score')} of training" if which == "best" else "the end of training"
+    what = (f"the best held-out {saved.get('best_metric', 'score')} of training" if which == "best"
+            else "the end of training")
     note(f"eval-only: --output_dir={config.output_dir} is a training run: scoring its {which}/ ({what}) into {target}")
     return dataclasses.replace(config, model_name=models[which], output_dir=target)
 
