@@ -392,7 +392,8 @@ def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_ba
     config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
         grpo, tiny_bart_dir, data_files, num_iterations=1)
     for rewards, expected in (([0.3] * 4, 1.0), ([0.1, 0.2, 0.3, 0.4], 0.0)):
-        monkeypatch.setattr(grpo, "rouge_rewards", lambda p, r, w=None, values=rewards: values * config.batch_size)
+        monkeypatch.setattr(grpo, "rouge_rewards",
+                            lambda p, r, w=None, t="default", values=rewards: values * config.batch_size)
         rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
         assert stats["zero_std_groups"] == expected
         assert bool((rollout.advantages == 0).all()) == (expected == 1.0)
