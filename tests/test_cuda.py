@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import check_ok, data_args, run_script
-from test_sampler import articles, tiny_bart, tiny_t5
+from conftest import articles, check_ok, data_args, run_script, tiny_bart, tiny_t5
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,5 +1,6 @@
-"""Robustness tests of grpo_encoder_decoder_summarization.py: exact resume after SIGKILL, atomic checkpoints,
-Ctrl-C, messy data, truncated completions, trust_remote_code, and NaN losses.
+"""Whole runs of the script on the tiny models: every file a run writes (and README's lists of them), checkpoints
+(atomic, rotated, best/), exact resume (after a finished run, after SIGKILL, with LoRA), Ctrl-C and SIGTERM, the
+saved config and what a resume may change, output dirs that are never lost, messy data files, and the trackers.
 
 Everything runs offline on the tiny models of conftest.py. Subprocess runs are kept tiny (2 articles x 4 samples,
 8 new tokens); polling loops use generous deadlines because the CPU is shared, and nothing asserts on timing.
@@ -7,10 +8,16 @@ Everything runs offline on the tiny models of conftest.py. Subprocess runs are k
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import glob
+import io
 import json
 import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -20,10 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPT, assert_resumed_run_matches, check_ok, data_args, read_jsonl, run_script, subprocess_env
+from conftest import (ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok, data_args, good_rows, needs_peft,
+                      one_error, read_jsonl, run_script, subprocess_env)
 
-TINY = ("--batch_size=2", "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--max_source_length=64",
-        "--eval_samples=4", "--device=cpu")
 POLL_DEADLINE = 240.0  # seconds; a shared CPU can be slow, and a healthy run never gets near this
 
 
@@ -56,8 +62,237 @@ def wait_for(condition, process: subprocess.Popen, what: str, stderr_path: Path)
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Exact resume after SIGKILL
+# 1. Whole runs on T5 and on BART: every file, every metric (README lists exactly those), the trackers
 # --------------------------------------------------------------------------------------------------
+# Small but complete runs: 2 articles x 4 samples per step, 8 new tokens.
+RUN_ARGS = ("--max_steps=3", "--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
+            "--max_source_length=64", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--sft_batch_size=4",
+            "--device=cpu")
+
+
+STEP_KEYS = {"step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length", "lr", "seconds",
+             "time_generate", "time_reward", "time_reference", "time_forward", "time_backward", "time_optimizer",
+             "time_update"}
+
+
+EVAL_KEYS = {"step", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length"}
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("t5", ()),
+    ("bart", ("--sft_steps=2", "--num_iterations=2")),
+], ids=["t5", "bart-sft-mu2"])
+def test_full_run(model, extra, tiny_t5_dir, tiny_bart_dir, data_files, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model_dir = {"t5": tiny_t5_dir, "bart": tiny_bart_dir}[model]
+    out = tmp_path / "run"
+    result = run_script(f"--model_name={model_dir}", *data_args(data_files), *RUN_ARGS, *extra,
+                        f"--output_dir={out}", cwd=tmp_path)
+    check_ok(result)
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    expected_keys = STEP_KEYS | ({"time_old"} if "--num_iterations=2" in extra else set())
+    for m in metrics:
+        assert expected_keys <= m.keys(), f"missing {expected_keys - m.keys()}"
+        for key in expected_keys:
+            assert isinstance(m[key], (int, float)) and m[key] == m[key], (key, m[key])  # a number, not NaN
+        assert 0.0 <= m["reward_mean"] <= 1.0
+        assert m["kl"] >= 0.0 and 0.0 <= m["clip_fraction"] <= 1.0
+        assert 0 < m["completion_length"] <= 8
+
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    for e in evals:
+        assert EVAL_KEYS <= e.keys(), f"missing {EVAL_KEYS - e.keys()}"
+        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            assert 0.0 <= e[key] <= 1.0
+
+    final = out / "final"
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert loaded.config.is_encoder_decoder
+    original = AutoTokenizer.from_pretrained(model_dir)
+    text = "The council of Ashgrove voted on Monday."
+    assert tokenizer(text)["input_ids"] == original(text)["input_ids"]
+    assert (out / "curves.png").is_file() and (out / "curves.png").stat().st_size > 0
+    # pi_ref after SFT is kept for a resumed run; without SFT pi_ref is the model in --model_name
+    assert (out / "reference" / "config.json").is_file() == ("--sft_steps=2" in extra)
+    # RUN_ARGS passes --sft_batch_size: without SFT the run says it has no effect (never silently ignored)
+    note = "note: --sft_batch_size: no effect, since --sft_steps=0 leaves the SFT warm-up out"
+    assert (note in result.stderr) == ("--sft_steps=2" not in extra)
+
+
+# An earlier run: 2 steps with mu = 2 (so every phase is timed), articles cut to 8 tokens (so some are truncated).
+EARLIER = (*TINY, "--max_steps=2", "--num_iterations=2", "--save_every=1", "--eval_every=2", "--learning_rate=1e-3",
+           "--warmup_steps=1", "--max_source_length=8")
+
+
+def main_in_process(grpo, *flags: str) -> subprocess.CompletedProcess:
+    """grpo.main(flags) in this process (no interpreter start-up: faster than run_script), stdout/stderr captured."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = grpo.main([str(flag) for flag in flags])
+    return subprocess.CompletedProcess(flags, code, stdout.getvalue(), stderr.getvalue())
+
+
+@pytest.fixture(scope="module")
+def earlier_run(grpo, tiny_bart_dir, data_files, tmp_path_factory):
+    """(output_dir, stderr, flags) of a finished 2-step run; tests copy the directory before changing it."""
+    directory = tmp_path_factory.mktemp("earlier")
+    flags = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *EARLIER)
+    result = main_in_process(grpo, *flags, f"--output_dir={directory / 'run'}")
+    check_ok(result)
+    return directory / "run", result.stderr, flags
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def readme_fields(file_name: str) -> set[str]:
+    from grpo_encoder_decoder_summarization import ROUGE_KEYS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `{file_name}` |"))
+    names = re.findall(r"`([\w<>]+)`", row.split("|")[2])  # `<metric>_ci_low` stands for each ROUGE key's
+    return {name.replace("<metric>", key) for name in names for key in ROUGE_KEYS}
+
+
+def test_readme_lists_exactly_the_metrics_the_script_writes(earlier_run):
+    """Like the configuration table: README's field lists of metrics.jsonl and eval.jsonl are what a run writes
+    (a run with mu = 2, so that every phase is timed)."""
+    run_dir, _, _ = earlier_run
+    written = set().union(*(record.keys() for record in read_jsonl(run_dir / "metrics.jsonl")))
+    documented = readme_fields("metrics.jsonl") - {"max_new_tokens"}
+    assert documented == written, (sorted(documented - written), sorted(written - documented))
+    written = set().union(*(record.keys() for record in read_jsonl(run_dir / "eval.jsonl")))
+    assert readme_fields("eval.jsonl") - {"eval_every"} == written
+
+
+def test_truncated_articles_are_reported_once_on_the_console(earlier_run):
+    _, stderr, _ = earlier_run
+    lines = [line for line in stderr.splitlines() if "--max_source_length=8 tokens and were truncated" in line]
+    assert len(lines) == 1, stderr
+    assert re.search(r"\d+ of 4 training articles \(\d+\.\d%\)", lines[0]), lines[0]
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows of an offline wandb run file (.wandb): a 7-byte header, then LevelDB-log records
+    (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) in 32 KiB blocks, each a
+    protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, block, pending, rows = open(path, "rb").read(), 7, 32768, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_run_logs_completions_metrics_and_trackers(grpo, tiny_bart_dir, data_files, tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = run_script(f"--model_name={tiny_bart_dir}", *data_args(data_files), "--max_steps=3", "--batch_size=3",
+                        "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--max_source_length=64",
+                        "--eval_every=2", "--eval_samples=4", "--save_every=3", "--device=cpu", "--temperature=2.0",
+                        "--learning_rate=1e-3", "--scale_rewards=batch", "--epsilon_high=0.28",
+                        "--loss_type=gspo_token", "--log_completions_every=2", "--report_to=wandb,tensorboard",
+                        f"--output_dir={out}", cwd=tmp_path,
+                        env=subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_PROJECT="test"))
+    check_ok(result)
+    metrics, evals = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
+    for m in metrics:
+        assert {"clip_fraction_low", "clip_fraction_high", "entropy", "zero_std_groups"} <= m.keys()
+        assert m["clip_fraction"] == pytest.approx(m["clip_fraction_low"] + m["clip_fraction_high"], abs=1e-12)
+        assert m["entropy"] > 0
+
+    # completions.jsonl: step 2 only, COMPLETION_ARTICLES articles with their G samples, rewards and advantages
+    logged = read_jsonl(out / "completions.jsonl")
+    assert [c["step"] for c in logged] == [2] * grpo.COMPLETION_ARTICLES
+    train_rows = read_jsonl(data_files[0])
+    expected_indices = grpo.batch_indices(1, 3, len(train_rows), 0)[:grpo.COMPLETION_ARTICLES]
+    assert [c["article_index"] for c in logged] == expected_indices
+    for c in logged:
+        assert c["article"] == train_rows[c["article_index"]]["article"]
+        assert c["reference"] == train_rows[c["article_index"]]["highlights"]
+        assert len(c["samples"]) == 4
+        summaries = [s["summary"] for s in c["samples"]]
+        rewards = grpo.rouge_rewards(summaries, [c["reference"]] * 4)
+        assert [s["reward"] for s in c["samples"]] == pytest.approx(rewards, abs=1e-6)
+        advantages = [s["advantage"] for s in c["samples"]]
+        assert sum(advantages) == pytest.approx(0.0, abs=1e-5)  # centred on the group mean
+        if max(rewards) > min(rewards):  # batch scaling: differences keep their order and sign
+            assert (advantages[0] - advantages[1]) * (rewards[0] - rewards[1]) >= 0
+
+    # TensorBoard: the same numbers as metrics.jsonl and eval.jsonl
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("reward_mean", "kl", "entropy", "clip_fraction_high", "loss"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx([m[key] for m in metrics], rel=1e-6, abs=1e-7)
+    scalars = events.Scalars("eval/rougeL")
+    assert [s.step for s in scalars] == [e["step"] for e in evals] == [0, 2, 3]
+    assert [s.value for s in scalars] == pytest.approx([e["rougeL"] for e in evals], rel=1e-6, abs=1e-7)
+
+    # wandb (offline run file): the same numbers
+    (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))
+    history = wandb_history(run_file)
+    train_rows_logged = [row for row in history if "train/reward_mean" in row]
+    assert [row["_step"] for row in train_rows_logged] == [1, 2, 3]
+    for row, m in zip(train_rows_logged, metrics):
+        for key in ("reward_mean", "kl", "entropy", "loss", "lr"):
+            assert row[f"train/{key}"] == pytest.approx(m[key], rel=1e-9, abs=1e-12), key
+    eval_rows = [row for row in history if "eval/rougeL" in row]
+    assert [row["eval/rougeL"] for row in eval_rows] == pytest.approx([e["rougeL"] for e in evals], rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Exact resume: after a finished run, after SIGKILL, with LoRA
+# --------------------------------------------------------------------------------------------------
+def test_resume_is_exact(tiny_bart_dir, data_files, tmp_path):
+    # A learning rate large enough that the policy moves, a constant schedule (so max_steps=2 and max_steps=4
+    # runs share their learning rates), and an SFT phase with a high rate so pi_ref differs from the base
+    # model: a resumed run that rebuilt pi_ref from the base model would show a different KL.
+    common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), "--batch_size=2", "--group_size=4",
+              "--micro_batch_size=4", "--max_new_tokens=8", "--max_source_length=64", "--eval_every=2",
+              "--eval_samples=4", "--save_every=2", "--device=cpu", "--learning_rate=1e-3",
+              "--lr_scheduler=constant", "--warmup_steps=0", "--sft_steps=2", "--sft_batch_size=4",
+              "--sft_learning_rate=1e-2", "--num_iterations=2", "--seed=3")
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+
+    check_ok(run_script(*common, "--max_steps=2", f"--output_dir={resumed}", cwd=tmp_path))
+    assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2]
+    result = run_script(*common, "--max_steps=4", "--resume=True", f"--output_dir={resumed}", cwd=tmp_path)
+    check_ok(result)
+    assert "resumed from" in result.stderr and "at step 2" in result.stderr, result.stderr
+    check_ok(run_script(*common, "--max_steps=4", f"--output_dir={straight}", cwd=tmp_path))
+
+    assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [e["step"] for e in read_jsonl(resumed / "eval.jsonl")] == [0, 2, 4]
+    assert_resumed_run_matches(resumed, straight, resumed_at=2)
+
+
 # A learning rate large enough to move the policy, a linear schedule with one warm-up step (so lr changes
 # every step), and an SFT phase so that pi_ref differs from the base model and the rewards are not all zero.
 EXACT_ARGS = (*TINY, "--max_steps=6", "--save_every=2", "--eval_every=2", "--learning_rate=1e-3",
@@ -120,8 +355,128 @@ def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, 
     assert Counter(p["step"] for p in read_jsonl(out / "eval_predictions.jsonl")) == {0: 4, 2: 4, 4: 4, 6: 4}
 
 
+def test_run_config_is_saved_in_output_dir_and_every_checkpoint(grpo, earlier_run):
+    run_dir, _, _ = earlier_run
+    saved = json.loads((run_dir / grpo.RUN_CONFIG_FILE).read_text())
+    assert set(saved) == {f.name for f in dataclasses.fields(grpo.Config)}
+    assert saved["group_size"] == 4 and saved["num_iterations"] == 2 and saved["max_source_length"] == 8
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        assert payload["config"] == saved
+
+
+# 2 articles x 4 samples per step, 8 new tokens; a learning rate at which the adapters move in a few steps.
+LORA_ARGS = ("--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8",
+             "--max_source_length=64", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--device=cpu",
+             "--lora_r=4", "--lora_alpha=8", "--learning_rate=5e-2", "--lr_scheduler=constant", "--warmup_steps=0",
+             "--seed=3")
+
+
+@needs_peft
+def test_lora_run_resumes_exactly_keeps_sft_and_saves_merged_models(grpo, tiny_bart_dir, data_files, tmp_path):
+    """One LoRA run with SFT first and mu = 2, stopped after step 1 and resumed, against the same run never stopped:
+    - KL is exactly 0 at step 1 (the lr warm-up makes the first update 0, so both of step 1's passes score the
+      policy as GRPO starts): the reference is the post-SFT model, not the base model;
+    - the resumed run gives the numbers and the final weights of the run that was never stopped;
+    - final/ and best/ are plain merged models, and final/adapter on reference/ (the post-SFT model) gives final/;
+    - only the q/v adapters train (the count is worked out below)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *LORA_ARGS, "--sft_steps=2",
+              "--sft_batch_size=4", "--sft_learning_rate=1e-2", "--num_iterations=2",
+              "--lr_scheduler=constant_with_warmup", "--warmup_steps=1", "--save_every=1",
+              "--lora_target_modules=q_proj,v_proj")
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    check_ok(run_script(*common, "--max_steps=1", f"--output_dir={resumed}", cwd=tmp_path))
+    result = run_script(*common, "--max_steps=2", "--resume=True", f"--output_dir={resumed}", cwd=tmp_path)
+    check_ok(result)
+    assert "resumed from" in result.stderr and "at step 1" in result.stderr, result.stderr
+    result = run_script(*common, "--max_steps=2", f"--output_dir={straight}", cwd=tmp_path)
+    check_ok(result)
+
+    trained = re.search(r"lora: training ([\d,]+) of ([\d,]+) parameters", result.stderr)
+    assert trained, result.stderr
+    # q and v of the encoder's self-attention and the decoder's self- and cross-attention, d_model 32 -> 32:
+    # 3 x 2 adapters of A (r x 32) and B (32 x r), r = 4: 6 x 256 = 1,536
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_bart_dir)
+    assert int(trained.group(1).replace(",", "")) == 3 * 2 * (4 * base.config.d_model + base.config.d_model * 4) == 1536
+    assert int(trained.group(2).replace(",", "")) == sum(p.numel() for p in base.parameters()) + 1536
+
+    after_resume, uninterrupted = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(straight / "metrics.jsonl")
+    assert [m["step"] for m in after_resume] == [m["step"] for m in uninterrupted] == [1, 2]
+    assert uninterrupted[0]["kl"] == 0.0  # pi_ref = the post-SFT model = the policy before its first (lr 0) update
+    assert uninterrupted[1]["kl"] > 0, "the adapters never moved: the comparisons would be vacuous"
+    for ours, theirs in zip(after_resume, uninterrupted):
+        for key in ("reward_mean", "loss", "kl", "entropy", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-12), (ours["step"], key)
+    for directory in ("final", "final/adapter", "reference"):
+        name = "adapter_model.safetensors" if directory.endswith("adapter") else "model.safetensors"
+        a, b = load_file(resumed / directory / name), load_file(straight / directory / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=f"{directory}: {key}")
+
+    final = AutoModelForSeq2SeqLM.from_pretrained(straight / "final").eval()  # plain, merged
+    assert not any("lora" in name for name, _ in final.named_parameters())
+    best = AutoModelForSeq2SeqLM.from_pretrained(straight / "best")
+    assert not any("lora" in name for name, _ in best.named_parameters())
+    assert (straight / "best" / "adapter" / "adapter_config.json").is_file()
+    rebuilt = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(straight / "reference"),
+                                        straight / "final" / "adapter").eval()
+    post_sft = AutoModelForSeq2SeqLM.from_pretrained(straight / "reference").eval()
+    inputs = dict(input_ids=torch.tensor([[0, 5, 6, 7, 8, 2]]), decoder_input_ids=torch.tensor([[2, 0, 9, 10, 11]]))
+    with torch.no_grad():
+        merged_logits, adapter_logits, post_sft_logits = (m(**inputs).logits for m in (final, rebuilt, post_sft))
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged_logits, post_sft_logits, atol=1e-4), "training did not change the model"
+
+
 # --------------------------------------------------------------------------------------------------
-# 2. Atomic checkpoints, rotation, best/
+# 3. Ctrl-C and SIGTERM: finish the step, save, say how to resume, exit 128 + the signal
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl_c", "sigterm"])
+def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, data_files, tmp_path):
+    """Ctrl-C, and SIGTERM (what SLURM sends before pre-empting a job): finish the step, save a checkpoint, say
+    how to resume, exit 128 + the signal number; the resumed run goes on from that checkpoint."""
+    out = tmp_path / "run"
+    common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--eval_every=1000",
+              "--save_every=1000", f"--output_dir={out}")
+    process, _, stderr_path = popen_script(*common, "--max_steps=200", cwd=tmp_path, log_dir=tmp_path)
+    metrics_path = out / "metrics.jsonl"
+    try:
+        started = wait_for(lambda: metrics_path.is_file() and bool(metrics_path.read_text().strip()), process,
+                           "metrics line", stderr_path)
+        assert started, f"exit {process.returncode} before any step; stderr:\n{stderr_path.read_text()}"
+        process.send_signal(signal_number)
+        returncode = process.wait(timeout=POLL_DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = stderr_path.read_text()
+    assert returncode == exit_code, f"exit {returncode}; stderr:\n{stderr}"
+    assert "Traceback" not in stderr and signal.Signals(signal_number).name in stderr, stderr
+    assert any("--resume=True" in line for line in stderr.splitlines()), stderr
+
+    steps = [m["step"] for m in read_jsonl(metrics_path)]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and last < 200
+    assert checkpoint_steps(out)[-1] == last
+    assert f"stopped at step {last}" in stderr, stderr
+    assert not (out / "final").exists()  # a stopped run is not a finished one
+
+    result = run_script(*common, f"--max_steps={last + 1}", "--resume=True", cwd=tmp_path, timeout=300)
+    check_ok(result)
+    assert f"at step {last}" in result.stderr, result.stderr
+    assert [m["step"] for m in read_jsonl(metrics_path)] == list(range(1, last + 2))
+    assert (out / "final" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Checkpoints: atomic, rotated, best/, another model's; the logs a resume trims
 # --------------------------------------------------------------------------------------------------
 def test_checkpoint_files_ignores_temporary_and_foreign_files(grpo, tmp_path):
     assert grpo.checkpoint_files(str(tmp_path)) == []  # no checkpoints/ directory at all
@@ -235,65 +590,183 @@ def test_best_model_is_refreshed_only_on_strict_improvement(grpo, tiny_bart_dir,
         assert not torch.equal(saved[name], weights[4][name]), name
 
 
-# --------------------------------------------------------------------------------------------------
-# 3. Ctrl-C: finish the step, save, say how to resume, exit 130
-# --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["ctrl_c", "sigterm"])
-def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, data_files, tmp_path):
-    """Ctrl-C, and SIGTERM (what SLURM sends before pre-empting a job): finish the step, save a checkpoint, say
-    how to resume, exit 128 + the signal number; the resumed run goes on from that checkpoint."""
-    out = tmp_path / "run"
-    common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--eval_every=1000",
-              "--save_every=1000", f"--output_dir={out}")
-    process, _, stderr_path = popen_script(*common, "--max_steps=200", cwd=tmp_path, log_dir=tmp_path)
-    metrics_path = out / "metrics.jsonl"
-    try:
-        started = wait_for(lambda: metrics_path.is_file() and bool(metrics_path.read_text().strip()), process,
-                           "metrics line", stderr_path)
-        assert started, f"exit {process.returncode} before any step; stderr:\n{stderr_path.read_text()}"
-        process.send_signal(signal_number)
-        returncode = process.wait(timeout=POLL_DEADLINE)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    stderr = stderr_path.read_text()
-    assert returncode == exit_code, f"exit {returncode}; stderr:\n{stderr}"
-    assert "Traceback" not in stderr and signal.Signals(signal_number).name in stderr, stderr
-    assert any("--resume=True" in line for line in stderr.splitlines()), stderr
+def test_loading_a_checkpoint_of_another_model_is_one_line(grpo, tiny_bart_dir, tiny_t5_dir, tmp_path):
+    """The guard on load_state_dict itself (a checkpoint without a config, or a model dir changed in place)."""
+    from transformers import AutoModelForSeq2SeqLM, get_scheduler
 
-    steps = [m["step"] for m in read_jsonl(metrics_path)]
-    last = steps[-1]
-    assert steps == list(range(1, last + 1)) and last < 200
-    assert checkpoint_steps(out)[-1] == last
-    assert f"stopped at step {last}" in stderr, stderr
-    assert not (out / "final").exists()  # a stopped run is not a finished one
+    def parts(model_dir):
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return model, optimizer, get_scheduler("constant", optimizer)
 
-    result = run_script(*common, f"--max_steps={last + 1}", "--resume=True", cwd=tmp_path, timeout=300)
+    bart, optimizer, scheduler = parts(tiny_bart_dir)
+    path = grpo.save_checkpoint(str(tmp_path), bart, optimizer, scheduler, grpo.TrainerState(step=1),
+                                [grpo.rng_state()], keep=1)
+    with pytest.raises(grpo.UserError) as info:
+        grpo.load_checkpoint(path, *parts(tiny_t5_dir), rank=0)
+    message = str(info.value)
+    assert "different model" in message and "\n" not in message and len(message) < 400
+    assert grpo.load_checkpoint(path, *parts(tiny_bart_dir), rank=0).step == 1  # the right model still loads
+
+
+def test_keep_lines_up_to_drops_later_steps(grpo, tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)) + "\n",
+                    encoding="utf-8")
+    grpo.keep_lines_up_to(str(path), 2)
+    assert [m["step"] for m in read_jsonl(path)] == [1, 2]
+    grpo.keep_lines_up_to(str(tmp_path / "absent.jsonl"), 2)  # a log that was never written is fine
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_keep_lines_up_to_survives_a_torn_last_line(grpo, tmp_path):
+    """A run that died mid-write (disk full, power loss) can leave half a JSON line at the end of a log.
+    The resume must drop it with the other lines after the checkpoint, not crash on it."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(lines) + '{"step": 4, "lo', encoding="utf-8")
+    grpo.keep_lines_up_to(str(path), 2)
+    assert [m["step"] for m in read_jsonl(path)] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. What --resume=True may change: bookkeeping yes (the lr schedule continues), the trajectory no
+# --------------------------------------------------------------------------------------------------
+def changed_value(value):
+    """A different value of the same type, for any Config field."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "_changed"
+    return 0.5  # None (epsilon_high)
+
+
+def test_every_field_but_the_bookkeeping_ones_counts_as_changing_the_run(grpo):
+    """No list of trajectory fields: a field another branch adds later is checked by default."""
+    saved = dataclasses.asdict(grpo.Config())
+    assert grpo.RESUME_BOOKKEEPING_FIELDS | grpo.RESUME_IGNORED_FIELDS <= set(saved)
+    for field in dataclasses.fields(grpo.Config):
+        changed = dataclasses.replace(grpo.Config(), **{field.name: changed_value(saved[field.name])})
+        trajectory, bookkeeping = grpo.changed_on_resume(saved, changed)
+        if field.name in grpo.RESUME_IGNORED_FIELDS:  # --resume and --overwrite_output_dir
+            assert trajectory == bookkeeping == []
+            continue
+        expected = f"--{field.name}: {saved[field.name]!r} -> {getattr(changed, field.name)!r}"
+        assert (bookkeeping if field.name in grpo.RESUME_BOOKKEEPING_FIELDS else trajectory) == [expected]
+        assert not (trajectory if field.name in grpo.RESUME_BOOKKEEPING_FIELDS else bookkeeping)
+    # a field missing from an older saved config counts as its default
+    older = {k: v for k, v in saved.items() if k != "beta"}
+    assert grpo.changed_on_resume(older, grpo.Config()) == ([], [])
+    assert grpo.changed_on_resume(older, grpo.Config(beta=0.5))[0] == [f"--beta: {grpo.Config().beta!r} -> 0.5"]
+
+
+def test_resume_with_trajectory_changes_stops_with_one_line(grpo, earlier_run, tmp_path):
+    run_dir, _, flags = earlier_run
+    out = copy_of(run_dir, tmp_path)
+    result = main_in_process(grpo, *flags, "--learning_rate=5e-4", "--group_size=2", "--seed=3", "--eval_every=5",
+                             "--resume=True", f"--output_dir={out}")
+    error = one_error(result, 2)
+    for change in ("--learning_rate: 0.001 -> 0.0005", "--group_size: 4 -> 2", "--seed: 0 -> 3"):
+        assert change in error, error
+    assert "eval_every" not in error  # bookkeeping is allowed
+
+
+def test_resume_with_another_model_stops_with_one_line(grpo, earlier_run, tiny_t5_dir, tmp_path):
+    run_dir, _, flags = earlier_run
+    out = copy_of(run_dir, tmp_path)
+    result = main_in_process(grpo, *flags, f"--model_name={tiny_t5_dir}", "--resume=True", f"--output_dir={out}")
+    error = one_error(result, 2)
+    assert "--model_name: '" in error and f"-> '{tiny_t5_dir}'" in error and len(result.stderr) < 2000
+
+
+def test_resume_with_bookkeeping_changes_and_longer_max_steps(grpo, earlier_run, tmp_path):
+    run_dir, _, flags = earlier_run
+    out = copy_of(run_dir, tmp_path)
+    result = main_in_process(grpo, *flags, "--max_steps=3", "--eval_every=3", "--keep_checkpoints=1", "--resume=True",
+                             f"--output_dir={out}")
     check_ok(result)
-    assert f"at step {last}" in result.stderr, result.stderr
-    assert [m["step"] for m in read_jsonl(metrics_path)] == list(range(1, last + 2))
-    assert (out / "final" / "config.json").is_file()
+    bookkeeping = next(line for line in result.stderr.splitlines() if "resuming with changed bookkeeping" in line)
+    assert "--eval_every: 2 -> 3" in bookkeeping and "--keep_checkpoints: 2 -> 1" in bookkeeping
+    assert "--resume" not in bookkeeping, bookkeeping
+    # the linear schedule had decayed to 0 at step 2 of 2; over 3 steps it continues at the value of step 2 of 3
+    line = next(line for line in result.stderr.splitlines() if "schedule now runs over 3 steps" in line)
+    assert "not 0" in line and "uses lr 0.0004" in line, line  # 1e-3 * (6 - 4) / (6 - 1): 4 of 6 optimizer steps
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((out / "run_config.json").read_text())["max_steps"] == 3
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "polynomial", "inverse_sqrt"])
+def test_continue_lr_schedule_gives_the_lr_of_a_run_with_the_new_max_steps(grpo, name):
+    from transformers import get_scheduler
+
+    assert name in grpo.scheduler_names()
+
+    def parts(total):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+        return optimizer, get_scheduler(name, optimizer, 2, total)
+
+    old_optimizer, old_scheduler = parts(total=10)
+    for _ in range(10):  # the old run finished its schedule
+        old_optimizer.step()
+        old_scheduler.step()
+    optimizer, scheduler = parts(total=30)  # resumed with 3x max_steps
+    optimizer.load_state_dict(old_optimizer.state_dict())
+    scheduler.load_state_dict(old_scheduler.state_dict())
+    old_lr, new_lr = grpo.continue_lr_schedule(scheduler, optimizer)
+    reference_optimizer, reference_scheduler = parts(total=30)
+    for _ in range(10):
+        reference_optimizer.step()
+        reference_scheduler.step()
+    assert old_lr == old_scheduler.get_last_lr()[0]
+    for _ in range(5):  # the lr of each later update is the fresh schedule's too
+        assert optimizer.param_groups[0]["lr"] == reference_optimizer.param_groups[0]["lr"]
+        assert scheduler.get_last_lr() == reference_scheduler.get_last_lr()
+        optimizer.step()
+        scheduler.step()
+        reference_optimizer.step()
+        reference_scheduler.step()
+    if name == "linear":
+        assert old_lr == 0.0 and new_lr > 0  # the bug: the first update after resume used the old schedule's 0
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Messy data: empty rows skipped and counted, long articles truncated and counted, CSV input
+# 6. Output dir: a fresh run never deletes an earlier one unless asked to
 # --------------------------------------------------------------------------------------------------
-def good_rows(data_files, count: int) -> list[dict]:
-    return read_jsonl(data_files[0])[:count]
+def test_fresh_run_into_an_earlier_run_stops_and_keeps_it(grpo, earlier_run, tmp_path):
+    run_dir, _, flags = earlier_run
+    out = copy_of(run_dir, tmp_path)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    error = one_error(main_in_process(grpo, *flags, f"--output_dir={out}"), 2)
+    assert "--resume=True" in error and "--overwrite_output_dir=True" in error and str(out) in error
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing deleted or added
 
 
-def tiny_policy_and_batch(grpo, model_dir, data_files, max_new_tokens: int):
-    """(config, policy in eval mode, tokenizer, a batch of 2 articles) for in-process rollouts, G = 4."""
-    rows = good_rows(data_files, 2)
-    batch = {"article": [r["article"] for r in rows], "highlights": [r["highlights"] for r in rows]}
-    config = grpo.Config(model_name=str(model_dir), group_size=4, batch_size=2, max_new_tokens=max_new_tokens,
-                         max_source_length=64, device="cpu")
-    policy, tokenizer = grpo.load_policy_and_tokenizer(config, torch.device("cpu"))
-    return config, policy.eval(), tokenizer, batch
+def test_overwrite_output_dir_deletes_the_earlier_run(grpo, earlier_run, tmp_path):
+    run_dir, _, _ = earlier_run
+    out = copy_of(run_dir, tmp_path)
+    (out / "notes.txt").write_text("the user's own file")
+    messages = []
+    config = grpo.Config(output_dir=str(out), overwrite_output_dir=True)
+    grpo.check_output_dir(config)
+    grpo.prepare_output_dir(config, messages.append)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the run's files only
+    assert len(messages) == 1 and "deleting the earlier run" in messages[0] and "checkpoints" in messages[0]
+    grpo.check_output_dir(dataclasses.replace(config, overwrite_output_dir=False))  # now empty: a fresh run may start
 
 
+def test_benchmark_follows_the_same_rule(grpo, tmp_path):
+    (tmp_path / "benchmark.json").write_text("{}")
+    error = one_error(main_in_process(grpo, "--benchmark", f"--output_dir={tmp_path}"), 2)
+    assert "--overwrite_output_dir=True" in error
+    assert (tmp_path / "benchmark.json").read_text() == "{}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Data files and models: empty rows skipped and counted, long articles truncated and counted, CSV input,
+# tokenizing each batch once, trust_remote_code off unless asked for
+# --------------------------------------------------------------------------------------------------
 def skipped_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if re.search(r"skipped \d+ of \d+ rows", line)]
 
@@ -327,20 +800,6 @@ def test_long_articles_are_truncated_and_counted(tiny_bart_dir, data_files, tmp_
     assert [m["articles_truncated"] for m in metrics] == [2, 4]
 
 
-def test_tokenize_articles_truncates_and_counts(grpo, tiny_bart_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bart_dir)
-    config = grpo.Config(max_source_length=8)
-    short = "the council voted ."
-    long = "the council of ashgrove voted on monday to spend money on a new bridge ."
-    encoded, truncated = grpo.tokenize_articles(tokenizer, [short, long], config, torch.device("cpu"))
-    assert truncated == 1
-    assert encoded["input_ids"].shape == (2, 8)
-    assert encoded["input_ids"][1, -1].item() == tokenizer.eos_token_id  # truncation keeps the closing </s>
-    assert grpo.tokenize_articles(tokenizer, [short, short], config, torch.device("cpu"))[1] == 0
-
-
 def test_csv_train_file(tiny_bart_dir, data_files, tmp_path):
     rows = good_rows(data_files, 12) + [{"article": "An article with no summary.", "highlights": ""}]
     train = tmp_path / "train.csv"
@@ -357,60 +816,29 @@ def test_csv_train_file(tiny_bart_dir, data_files, tmp_path):
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
-# --------------------------------------------------------------------------------------------------
-# 5. Truncated completions (no EOS within max_new_tokens) and mask_truncated_completions
-# --------------------------------------------------------------------------------------------------
-def test_mask_truncated_completions(grpo, tiny_bart_dir, data_files):
-    device = torch.device("cpu")
-    base, policy, tokenizer, batch = tiny_policy_and_batch(grpo, tiny_bart_dir, data_files, max_new_tokens=2)
-    results = {}
-    for flag in (True, False):
-        config = grpo.Config(**{**vars(base), "mask_truncated_completions": flag})
-        torch.manual_seed(0)  # the same samples with and without the flag
-        results[flag] = grpo.rollout_step(policy, tokenizer, batch, config, device, grpo.PhaseTimer(device))
+@pytest.mark.parametrize("model_dir", ["tiny_t5_dir", "tiny_bart_dir"])
+def test_tokenize_once_equals_tokenizer_truncation(grpo, model_dir, request):
+    from transformers import AutoTokenizer
 
-    (masked, masked_stats), (plain, plain_stats) = results[True], results[False]
-    assert torch.equal(masked.completion_ids, plain.completion_ids)
-    no_eos = ~(plain.completion_ids == tokenizer.eos_token_id).any(dim=1)  # (B*G,)
-    # An untrained model over ~480 words samples EOS at a given position with probability ~1/480, so nearly
-    # every sample runs out of tokens. If every one ends in EOS exactly at the limit, EOS was forced there
-    # (see test_sampling_ignores_the_checkpoints_generation_defaults).
-    assert no_eos.any(), ("every sample ends with EOS within max_new_tokens=2, so no sample counts as truncated; "
-                          f"completion_ids:\n{plain.completion_ids}")
-    for stats in (masked_stats, plain_stats):
-        assert stats["truncated_fraction"] == pytest.approx(no_eos.float().mean().item())
-    assert torch.all(masked.mask[no_eos] == 0)
-    assert torch.all(plain.mask[no_eos] == 1)
-    assert torch.equal(masked.mask[~no_eos], plain.mask[~no_eos])  # samples that stopped keep their tokens
-    assert torch.all(plain.mask[~no_eos].sum(dim=1) >= 1)
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model_dir))
+    rows = grpo.make_synthetic_corpus(6, seed=3)
+    articles = [row["article"] for row in rows]
+    articles[2] = " ".join(articles[2].split()[:3])  # a short one among long ones
+    for limit in (8, 30, 10_000):
+        config = grpo.Config(max_source_length=limit, source_prefix="summarize: ")
+        encoded, truncated = grpo.tokenize_articles(tokenizer, articles, config, torch.device("cpu"))
+        texts = [config.source_prefix + article for article in articles]
+        expected = tokenizer(texts, max_length=limit, truncation=True, padding=True, return_tensors="pt")
+        assert torch.equal(encoded["input_ids"], expected["input_ids"])
+        assert torch.equal(encoded["attention_mask"], expected["attention_mask"])
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        assert truncated == sum(length > limit for length in lengths)
+        for row, length in zip(encoded["input_ids"], lengths):  # a truncated article keeps its closing EOS
+            assert length <= limit or row[-1].item() == tokenizer.eos_token_id
+        assert truncated >= 5 or limit > 8  # at 8 tokens the long articles (all but one) are cut
+    assert truncated == 0 and limit == 10_000
 
 
-def test_sampling_ignores_the_checkpoints_generation_defaults(grpo, tiny_bart_dir, data_files):
-    """generation_settings promises that a checkpoint's own generation defaults cannot change the distribution
-    the rollout samples from (and then scores as if unconstrained). Give the policy generation defaults like
-    facebook/bart-large-cnn's (forced_bos_token_id aside, which the script keeps on purpose); with the same seed,
-    the samples must be those of the same weights with no generation defaults at all."""
-    from transformers import GenerationConfig
-
-    device = torch.device("cpu")
-    config, policy, tokenizer, batch = tiny_policy_and_batch(grpo, tiny_bart_dir, data_files, max_new_tokens=8)
-    ids = dict(decoder_start_token_id=policy.config.decoder_start_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    samples = {}
-    for name, defaults in {"bare": {}, "bart-large-cnn-like": dict(
-            min_length=56, no_repeat_ngram_size=3, forced_eos_token_id=tokenizer.eos_token_id, num_beams=4)}.items():
-        policy.generation_config = GenerationConfig(**ids, **defaults)
-        torch.manual_seed(0)
-        rollout, _ = grpo.rollout_step(policy, tokenizer, batch, config, device, grpo.PhaseTimer(device))
-        samples[name] = rollout.completion_ids
-    assert torch.equal(samples["bart-large-cnn-like"], samples["bare"]), (
-        "the checkpoint's generation_config changed the sampled summaries:\n"
-        f"without it:\n{samples['bare']}\nwith it:\n{samples['bart-large-cnn-like']}")
-
-
-# --------------------------------------------------------------------------------------------------
-# 6. trust_remote_code is off unless asked for
-# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, expected", [([], None), (["--trust_remote_code=True"], True),
                                              (["--trust_remote_code=False"], False)],
                          ids=["default", "true", "false"])
@@ -438,69 +866,3 @@ def test_trust_remote_code_is_passed_explicitly(grpo, tiny_bart_dir, monkeypatch
     for cls_name, recorded in calls.items():
         for kwargs in recorded:
             assert "trust_remote_code" in kwargs and kwargs["trust_remote_code"] is expected, (cls_name, kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# 7. NaN/inf losses: skipped without touching the weights, counted, and the run stops after too many
-# --------------------------------------------------------------------------------------------------
-def test_nan_losses_are_skipped_and_stop_the_run(grpo, tiny_bart_dir, data_files, tmp_path, monkeypatch, capfd):
-    real_loss, real_update = grpo.grpo_loss, grpo.grpo_update
-    seen: dict = {}
-
-    def nan_loss(*args, **kwargs):
-        loss, stats = real_loss(*args, **kwargs)
-        return loss * float("nan"), stats  # still attached to the graph, so backward runs and yields NaN grads
-
-    def watching_update(policy_forward, optimizer, *args, **kwargs):
-        if not seen:
-            seen["module"], seen["optimizer"] = policy_forward, optimizer
-            seen["before"] = {k: v.detach().clone() for k, v in policy_forward.state_dict().items()}
-        return real_update(policy_forward, optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(grpo, "grpo_loss", nan_loss)
-    monkeypatch.setattr(grpo, "grpo_update", watching_update)
-    out = tmp_path / "run"
-    code = grpo.main([f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--max_steps=10",
-                      "--max_nonfinite_steps=3", f"--output_dir={out}"])
-    stderr = capfd.readouterr().err
-
-    assert code != 0, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "3 steps in a row" in errors[0] and "NaN/inf" in errors[0], stderr
-    for step in (1, 2, 3):
-        assert f"step {step} had a NaN/inf loss" in stderr, stderr
-    metrics = read_jsonl(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert [m["nonfinite_steps"] for m in metrics] == [1, 2, 3]
-    assert not (out / "final").exists()
-
-    # No optimizer step ever ran, and the weights are those the first update started from.
-    assert seen, "grpo_update was never called"
-    assert len(seen["optimizer"].state) == 0
-    for name, tensor in seen["module"].state_dict().items():
-        assert torch.equal(tensor, seen["before"][name]), name
-        assert torch.isfinite(tensor).all(), name
-
-
-# --------------------------------------------------------------------------------------------------
-# keep_lines_up_to: the log trimming a resume relies on
-# --------------------------------------------------------------------------------------------------
-def test_keep_lines_up_to_drops_later_steps(grpo, tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)) + "\n",
-                    encoding="utf-8")
-    grpo.keep_lines_up_to(str(path), 2)
-    assert [m["step"] for m in read_jsonl(path)] == [1, 2]
-    grpo.keep_lines_up_to(str(tmp_path / "absent.jsonl"), 2)  # a log that was never written is fine
-    assert not (tmp_path / "absent.jsonl").exists()
-
-
-def test_keep_lines_up_to_survives_a_torn_last_line(grpo, tmp_path):
-    """A run that died mid-write (disk full, power loss) can leave half a JSON line at the end of a log.
-    The resume must drop it with the other lines after the checkpoint, not crash on it."""
-    path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)]
-    path.write_text("".join(lines) + '{"step": 4, "lo', encoding="utf-8")
-    grpo.keep_lines_up_to(str(path), 2)
-    assert [m["step"] for m in read_jsonl(path)] == [1, 2]
