@@ -1,6 +1,10 @@
 """Several processes: torchrun with 2 CPU processes (gloo), the DDP path of the same file (with LoRA too), DDP
 gradients equal to one process's for every loss type, the batch reward std over all processes, each process's own
 articles, and the CPU threads each process gets.
+
+Every helper that starts a process group ends it the same way: a barrier once every process is done with its
+collectives (so that none tears the group down while another still works: gloo then aborts the process with
+"terminate called without an active exception"), and destroy_process_group in a finally.
 """
 
 from __future__ import annotations
@@ -85,61 +89,64 @@ import grpo_encoder_decoder_summarization as grpo
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 torch.distributed.init_process_group("gloo")
-rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-model_dir, train_file, out = sys.argv[2], sys.argv[3], sys.argv[4]
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-import json
-rows = [json.loads(line) for line in open(train_file)][:4]
-G, T = 4, 12
+try:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model_dir, train_file, out = sys.argv[2], sys.argv[3], sys.argv[4]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    import json
+    rows = [json.loads(line) for line in open(train_file)][:4]
+    G, T = 4, 12
 
-def build(config):
-    policy = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    encoded, _ = grpo.tokenize_articles(tokenizer, [r["article"] for r in rows], config, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
-    completion = torch.randint(5, len(tokenizer), (4 * G, T), generator=generator)
-    lengths = [1, 2, 3, 2, 3, 1, 2, 4, 9, 12, 10, 11, 12, 8, 12, 10]  # rank 0's articles: few tokens, rank 1's: many
-    for i, length in enumerate(lengths):
-        if length < T:
-            completion[i, length - 1] = tokenizer.eos_token_id
-    start = torch.full((4 * G, 1), policy.config.decoder_start_token_id)
-    decoder_input_ids = torch.cat([start, completion[:, :-1]], dim=1)
-    mask, _ = grpo.completion_mask(completion, tokenizer.eos_token_id)
-    advantages = torch.randn(4 * G, generator=generator)
-    with torch.no_grad():
-        logits = grpo.GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, G)
-        logprobs = grpo.token_logprobs(logits, completion)
-    old = logprobs + 0.3 * torch.randn(logprobs.shape, generator=generator)
-    ref = logprobs + 0.2 * torch.randn(logprobs.shape, generator=generator)
-    rollout = grpo.Rollout(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, completion, mask,
-                           advantages, ref, old)
-    return policy, rollout
+    def build(config):
+        policy = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        encoded, _ = grpo.tokenize_articles(tokenizer, [r["article"] for r in rows], config, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(0)
+        completion = torch.randint(5, len(tokenizer), (4 * G, T), generator=generator)
+        lengths = [1, 2, 3, 2, 3, 1, 2, 4, 9, 12, 10, 11, 12, 8, 12, 10]  # rank 0's articles: few tokens, rank 1's: many
+        for i, length in enumerate(lengths):
+            if length < T:
+                completion[i, length - 1] = tokenizer.eos_token_id
+        start = torch.full((4 * G, 1), policy.config.decoder_start_token_id)
+        decoder_input_ids = torch.cat([start, completion[:, :-1]], dim=1)
+        mask, _ = grpo.completion_mask(completion, tokenizer.eos_token_id)
+        advantages = torch.randn(4 * G, generator=generator)
+        with torch.no_grad():
+            logits = grpo.GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, G)
+            logprobs = grpo.token_logprobs(logits, completion)
+        old = logprobs + 0.3 * torch.randn(logprobs.shape, generator=generator)
+        ref = logprobs + 0.2 * torch.randn(logprobs.shape, generator=generator)
+        rollout = grpo.Rollout(encoded["input_ids"], encoded["attention_mask"], decoder_input_ids, completion, mask,
+                               advantages, ref, old)
+        return policy, rollout
 
-def gradients(policy, forward, rollout, config):
-    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    grpo.grpo_update(forward, optimizer, scheduler, rollout, config, torch.device("cpu"),
-                     grpo.PhaseTimer(torch.device("cpu")))
-    return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+    def gradients(policy, forward, rollout, config):
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        grpo.grpo_update(forward, optimizer, scheduler, rollout, config, torch.device("cpu"),
+                         grpo.PhaseTimer(torch.device("cpu")))
+        return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
-results = {}
-for loss_type in grpo.LOSS_TYPES:
-    config = grpo.Config(group_size=G, batch_size=2, micro_batch_size=G, max_new_tokens=T, max_source_length=64,
-                         loss_type=loss_type, max_grad_norm=1e9, epsilon=0.2, beta=0.04)
-    policy, full = build(config)
-    articles, samples = slice(2 * rank, 2 * rank + 2), slice(2 * G * rank, 2 * G * (rank + 1))
-    mine = grpo.Rollout(full.input_ids[articles], full.attention_mask[articles], full.decoder_input_ids[samples],
-                        full.completion_ids[samples], full.mask[samples], full.advantages[samples],
-                        full.ref_logprobs[samples], full.old_logprobs[samples])
-    ddp = torch.nn.parallel.DistributedDataParallel(grpo.GroupedSeq2Seq(policy))
-    distributed = gradients(policy, ddp, mine, config)
+    results = {}
+    for loss_type in grpo.LOSS_TYPES:
+        config = grpo.Config(group_size=G, batch_size=2, micro_batch_size=G, max_new_tokens=T, max_source_length=64,
+                             loss_type=loss_type, max_grad_norm=1e9, epsilon=0.2, beta=0.04)
+        policy, full = build(config)
+        articles, samples = slice(2 * rank, 2 * rank + 2), slice(2 * G * rank, 2 * G * (rank + 1))
+        mine = grpo.Rollout(full.input_ids[articles], full.attention_mask[articles], full.decoder_input_ids[samples],
+                            full.completion_ids[samples], full.mask[samples], full.advantages[samples],
+                            full.ref_logprobs[samples], full.old_logprobs[samples])
+        ddp = torch.nn.parallel.DistributedDataParallel(grpo.GroupedSeq2Seq(policy))
+        distributed = gradients(policy, ddp, mine, config)
+        if rank == 0:
+            single_policy, _ = build(config)
+            single = gradients(single_policy, grpo.GroupedSeq2Seq(single_policy), full, config)
+            results[loss_type] = ((distributed - single).norm() / single.norm()).item()
+            results[loss_type + "_tokens"] = [int(full.mask[:2 * G].sum()), int(full.mask[2 * G:].sum())]
     if rank == 0:
-        single_policy, _ = build(config)
-        single = gradients(single_policy, grpo.GroupedSeq2Seq(single_policy), full, config)
-        results[loss_type] = ((distributed - single).norm() / single.norm()).item()
-        results[loss_type + "_tokens"] = [int(full.mask[:2 * G].sum()), int(full.mask[2 * G:].sum())]
-if rank == 0:
-    json.dump(results, open(out, "w"))
-torch.distributed.destroy_process_group()
+        json.dump(results, open(out, "w"))
+    torch.distributed.barrier()  # both processes are done with every collective: only then tear down
+finally:
+    torch.distributed.destroy_process_group()
 '''
 
 
@@ -168,6 +175,7 @@ def _batch_std_worker(rank: int, init_file: str, results) -> None:
     try:
         rewards = torch.tensor([[0.0, 1.0, 2.0, 2.0], [4.0, 4.0, 0.5, 1.5]][rank])
         results[rank] = grpo.batch_reward_std(rewards).item()
+        torch.distributed.barrier()  # both processes are done with every collective: only then tear down
     finally:
         torch.distributed.destroy_process_group()
 

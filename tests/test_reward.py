@@ -296,18 +296,35 @@ def test_ensure_punkt_online_downloads_once_and_uses_it(no_punkt, monkeypatch):
     assert calls == ["punkt_tab"]
 
 
-def test_ensure_punkt_never_waits_longer_than_its_timeout(no_punkt, monkeypatch):
-    """A download that does not finish (an unreachable network) is not waited for: the regex splitter is used."""
+def test_ensure_punkt_returns_while_a_hanging_download_is_still_running(no_punkt, monkeypatch):
+    """A download that does not finish (an unreachable network) is not waited for past the timeout: ensure_punkt
+    returns the regex splitter while the download thread is still running (blocked on an event only this test
+    sets). Were ensure_punkt to wait for the download, it would return only after the download gave up, and the
+    thread would no longer be alive."""
     import threading
 
     allow_network(monkeypatch)
-    release = threading.Event()
-    monkeypatch.setattr(no_punkt, "download", lambda *a, **k: release.wait(60))
+    started, release, downloads = threading.Event(), threading.Event(), []
+
+    def hanging_download(*args, **kwargs):
+        downloads.append(threading.current_thread())
+        started.set()
+        release.wait(120)  # gives up only if the test never sets it
+        return False
+
+    monkeypatch.setattr(no_punkt, "download", hanging_download)
     try:
         assert grpo.ensure_punkt(timeout=0.2) == "regex"
-        assert not release.is_set()  # returned while the download was still running
+        assert not release.is_set()
+        assert started.wait(120), "ensure_punkt never started the download"
+        (thread,) = downloads
+        assert thread is not threading.current_thread()  # in a background thread,
+        assert thread.is_alive() and thread.daemon  # still running when ensure_punkt returned, and never blocks exit
     finally:
         release.set()
+        for thread in downloads:
+            thread.join(120)
+    assert not thread.is_alive()
 
 
 # --------------------------------------------------------------------------------------------------

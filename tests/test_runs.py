@@ -2,8 +2,10 @@
 (atomic, rotated, best/), exact resume (after a finished run, after SIGKILL, with LoRA), Ctrl-C and SIGTERM, the
 saved config and what a resume may change, output dirs that are never lost, messy data files, and the trackers.
 
-Everything runs offline on the tiny models of conftest.py. Subprocess runs are kept tiny (2 articles x 4 samples,
-8 new tokens); polling loops use generous deadlines because the CPU is shared, and nothing asserts on timing.
+Everything runs offline on the tiny models of conftest.py. A test of a child process never depends on when a signal
+lands or how fast the machine is: the child runs the script's main() with one function wrapped so that it stops at
+a chosen step until the test lets it go on (HOOKED_RUN), and the test sends its signal while the child waits there.
+Deadlines only turn a hung child into a failure, and nothing asserts on timing.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from conftest import (ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok, data_args, good_rows, needs_peft,
                       one_error, read_jsonl, run_script, subprocess_env)
 
-POLL_DEADLINE = 240.0  # seconds; a shared CPU can be slow, and a healthy run never gets near this
+POLL_DEADLINE = 600.0  # seconds; only a hung child gets near this (a shared CPU can be slow)
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
@@ -38,27 +40,67 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
 
 
-def popen_script(*args: str, cwd: Path, log_dir: Path) -> tuple[subprocess.Popen, Path, Path]:
-    """Start the script in the background; stdout and stderr go to files (no pipe can fill up and block it)."""
-    stdout_path, stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+# The script's main() in a child process with one module-level function wrapped: when a call of it is at step
+# `at_step` (its `step` argument, or the step of its TrainerState argument), the child writes the file `reached` and
+# waits, before the call, until the file `release` exists, which only the test creates (or until the test process
+# is gone). The script looks its functions up at call time, as the in-process tests that monkeypatch them rely on.
+HOOKED_RUN = r'''
+import inspect, os, sys, time
+root, name, at_step, reached, release, script, *flags = sys.argv[1:]
+sys.path.insert(0, root)
+import grpo_encoder_decoder_summarization as grpo
+
+real, parent = getattr(grpo, name), os.getppid()
+signature = inspect.signature(real)
+
+
+def hooked(*args, **kwargs):
+    arguments = signature.bind_partial(*args, **kwargs).arguments
+    step = arguments["step"] if "step" in arguments else arguments["state"].step
+    if step == int(at_step) and not os.path.exists(reached):
+        open(reached, "w").close()
+        while not os.path.exists(release):
+            if os.getppid() != parent:  # the test is gone: never wait forever
+                os._exit(3)
+            time.sleep(0.01)
+    return real(*args, **kwargs)
+
+
+setattr(grpo, name, hooked)
+sys.argv = [script, *flags]
+sys.exit(grpo.main())
+'''
+
+
+def popen_hooked(*args: str, hook: str, at_step: int, directory: Path):
+    """Start the script with `hook` stopping at `at_step` (see HOOKED_RUN); stdout and stderr go to files (no pipe
+    can fill up and block it). Returns (process, stderr path, reached file, release file)."""
+    driver, reached, release = directory / "hooked_run.py", directory / "reached", directory / "release"
+    driver.write_text(HOOKED_RUN)
+    stdout_path, stderr_path = directory / "stdout.txt", directory / "stderr.txt"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=subprocess_env(),
+        process = subprocess.Popen([sys.executable, str(driver), str(ROOT), hook, str(at_step), str(reached),
+                                    str(release), str(SCRIPT), *map(str, args)], cwd=directory, env=subprocess_env(),
                                    stdout=stdout, stderr=stderr)
-    return process, stdout_path, stderr_path
+    return process, stderr_path, reached, release
 
 
-def wait_for(condition, process: subprocess.Popen, what: str, stderr_path: Path) -> bool:
-    """Poll until condition() or the process exits; True if the condition held. Fails only past a long deadline."""
+def wait_for(condition, process: subprocess.Popen, what: str, stderr_path: Path) -> None:
+    """Poll until condition() holds; fail if the process exits first, or past a deadline only a hung run reaches."""
     deadline = time.monotonic() + POLL_DEADLINE
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if process.poll() is not None:
-            return condition()
+    while not condition():
+        if process.poll() is not None and not condition():
+            pytest.fail(f"exit {process.returncode} before {what}; stderr:\n{stderr_path.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {POLL_DEADLINE:.0f} s; stderr:\n{stderr_path.read_text()}")
         time.sleep(0.02)
-    process.kill()
-    process.wait()
-    pytest.fail(f"no {what} after {POLL_DEADLINE:.0f} s; stderr:\n{stderr_path.read_text()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill the child if it is still running (after a failed assertion), and reap it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=POLL_DEADLINE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,33 +354,28 @@ def straight_run(tiny_bart_dir, data_files, tmp_path_factory) -> Path:
 
 
 def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, tmp_path):
+    """SIGKILL (no handler runs) while the run saves step 4's checkpoint: after steps 3 and 4 and the step-4
+    evaluation were logged, so only the step-2 checkpoint is on disk. The child waits in save_checkpoint at step 4
+    until it is killed, so the kill lands there however fast the machine is. --resume must start from step 2, drop
+    the lines the killed run wrote after it, ignore a half-written .tmp checkpoint, and give the numbers and
+    weights of the run that was never stopped."""
     out = tmp_path / "killed"
     args = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *EXACT_ARGS, "--keep_checkpoints=10",
             f"--output_dir={out}")
-    process, _, stderr_path = popen_script(*args, cwd=tmp_path, log_dir=tmp_path)
+    process, stderr_path, reached, _ = popen_hooked(*args, hook="save_checkpoint", at_step=4, directory=tmp_path)
     try:
-        saved = wait_for(lambda: (out / "checkpoints").is_dir() and bool(checkpoint_steps(out)), process,
-                         "checkpoint", stderr_path)
+        wait_for(reached.exists, process, "the step-4 save", stderr_path)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=POLL_DEADLINE)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    assert saved, f"exit {process.returncode} before any checkpoint; stderr:\n{stderr_path.read_text()}"
-    # killed, not finished: steps 3..6 and two evaluations take seconds, the poll looks every 20 ms
+        stop(process)
     assert process.returncode == -signal.SIGKILL, stderr_path.read_text()
     assert "Traceback" not in stderr_path.read_text()
-
-    # The kill lands at some step >= 2. Keep only the first checkpoint (step 2): exactly what a kill right after
-    # that save leaves behind, so steps 3..6 are always recomputed. The metrics/eval lines the killed run wrote
-    # after step 2 stay, and the resumed run must drop them. A save killed half-way leaves a .tmp file: plant
-    # one with a higher step number, full of junk, which --resume must ignore.
-    steps = checkpoint_steps(out)
-    assert steps[0] == 2, steps
-    for step in steps[1:]:
-        (out / "checkpoints" / f"step_{step:08d}.pt").unlink()
+    assert checkpoint_steps(out) == [2]
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]  # to be dropped after step 2
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 4]
+    # a save killed half-way leaves a .tmp file: one with a higher step number, full of junk, must be ignored
     (out / "checkpoints" / "step_00000009.pt.tmp").write_bytes(b"half a checkpoint")
-    written_before = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
-    assert written_before[:2] == [1, 2], written_before
 
     result = run_script(*args, "--resume=True", cwd=tmp_path, timeout=300)
     check_ok(result)
@@ -440,38 +477,37 @@ def test_lora_run_resumes_exactly_keeps_sft_and_saves_merged_models(grpo, tiny_b
                          ids=["ctrl_c", "sigterm"])
 def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, data_files, tmp_path):
     """Ctrl-C, and SIGTERM (what SLURM sends before pre-empting a job): finish the step, save a checkpoint, say
-    how to resume, exit 128 + the signal number; the resumed run goes on from that checkpoint."""
+    how to resume, exit 128 + the signal number; the resumed run goes on from that checkpoint. The child waits in
+    step 2 (before logging it) until the signal's handler has run, so the signal always lands during step 2: the
+    run must stop after step 2 of 4, with no checkpoint due (save_every 1000) but the one the signal asks for."""
     out = tmp_path / "run"
     common = (f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--eval_every=1000",
               "--save_every=1000", f"--output_dir={out}")
-    process, _, stderr_path = popen_script(*common, "--max_steps=200", cwd=tmp_path, log_dir=tmp_path)
-    metrics_path = out / "metrics.jsonl"
+    process, stderr_path, reached, release = popen_hooked(*common, "--max_steps=4", hook="log_step", at_step=2,
+                                                          directory=tmp_path)
+    name = signal.Signals(signal_number).name
     try:
-        started = wait_for(lambda: metrics_path.is_file() and bool(metrics_path.read_text().strip()), process,
-                           "metrics line", stderr_path)
-        assert started, f"exit {process.returncode} before any step; stderr:\n{stderr_path.read_text()}"
+        wait_for(reached.exists, process, "step 2", stderr_path)
         process.send_signal(signal_number)
+        wait_for(lambda: f"{name}: finishing this step" in stderr_path.read_text(), process, "the signal's handler",
+                 stderr_path)
+        release.touch()
         returncode = process.wait(timeout=POLL_DEADLINE)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process)
     stderr = stderr_path.read_text()
     assert returncode == exit_code, f"exit {returncode}; stderr:\n{stderr}"
-    assert "Traceback" not in stderr and signal.Signals(signal_number).name in stderr, stderr
+    assert "Traceback" not in stderr, stderr
     assert any("--resume=True" in line for line in stderr.splitlines()), stderr
-
-    steps = [m["step"] for m in read_jsonl(metrics_path)]
-    last = steps[-1]
-    assert steps == list(range(1, last + 1)) and last < 200
-    assert checkpoint_steps(out)[-1] == last
-    assert f"stopped at step {last}" in stderr, stderr
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert checkpoint_steps(out) == [2]
+    assert "stopped at step 2" in stderr, stderr
     assert not (out / "final").exists()  # a stopped run is not a finished one
 
-    result = run_script(*common, f"--max_steps={last + 1}", "--resume=True", cwd=tmp_path, timeout=300)
+    result = run_script(*common, "--max_steps=3", "--resume=True", cwd=tmp_path, timeout=300)
     check_ok(result)
-    assert f"at step {last}" in result.stderr, result.stderr
-    assert [m["step"] for m in read_jsonl(metrics_path)] == list(range(1, last + 2))
+    assert "at step 2" in result.stderr, result.stderr
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert (out / "final" / "config.json").is_file()
 
 
