@@ -134,6 +134,34 @@ def test_update_reaches_encoder_and_decoder(grpo, model, tiny_bart_dir, tiny_t5_
         assert parameter.grad is None and not parameter.requires_grad, name
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "gspo", "gspo_token"])
+def test_micro_batched_update_gives_the_whole_batch_gradients(grpo, loss_type, tiny_bart_dir, data_files):
+    """grpo_update with one article per micro-batch (the parts weighted by micro_batch_weight) gives the gradients
+    of one pass over the whole batch, for every loss type: the same rollout, old and reference log-probs that
+    differ from the policy's (so some tokens are clipped), no gradient clipping, lr 0 (the weights stay put)."""
+    assert set(grpo.LOSS_TYPES) == {"grpo", "dapo", "dr_grpo", "gspo", "gspo_token"}  # a new one is listed here too
+    gradients, clipped = {}, {}
+    for micro_batch_size in (4, 12):  # G, and B * G with B = 3
+        config, device, policy, tokenizer, reference, _, _, rows = build_in_process(
+            grpo, tiny_bart_dir, data_files, num_iterations=1, loss_type=loss_type, max_grad_norm=1e9,
+            micro_batch_size=micro_batch_size)
+        torch.manual_seed(0)
+        rollout = rollout_with_advantages(grpo, policy, tokenizer, reference, rows, config, device)
+        noise = torch.randn(rollout.ref_logprobs.shape, generator=torch.Generator().manual_seed(1))
+        rollout.old_logprobs = rollout.ref_logprobs + 0.3 * noise
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        stats = grpo.grpo_update(grpo.GroupedSeq2Seq(policy), optimizer, scheduler, rollout, config, device,
+                                 grpo.PhaseTimer(device))
+        gradients[micro_batch_size] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        clipped[micro_batch_size] = stats["clip_fraction"]
+    assert gradients[4].keys() == gradients[12].keys() and len(gradients[4]) > 0
+    assert any(g.abs().sum() > 0 for g in gradients[12].values())
+    for name in gradients[12]:
+        torch.testing.assert_close(gradients[4][name], gradients[12][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert clipped[4] == pytest.approx(clipped[12], abs=1e-6)
+
+
 @pytest.mark.parametrize("model", ["bart", "t5"])
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(grpo, model, tiny_bart_dir, tiny_t5_dir,
                                                                          data_files):
