@@ -3116,7 +3116,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo_seeds(config, given)
         if config.benchmark:
             return run_benchmark(*start_process(config, given))
-        return train(config, given)
+        code = train(config, given)
+        if torch.distributed.is_initialized():  # no process tears the group down while another works (gloo aborts)
+            torch.distributed.barrier()
+        return code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
