@@ -45,14 +45,20 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 120,
+# How long a child process may run before it counts as hung: a guard against hangs, never a speed requirement
+# (the CPU may be shared and slow; a healthy tiny run takes seconds).
+HANG_TIMEOUT = 900
+
+
+def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float = HANG_TIMEOUT,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the script in a fresh interpreter, offline, capturing stdout and stderr as text."""
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env or subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_torchrun(*args: str, script=SCRIPT, processes: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_torchrun(*args: str, script=SCRIPT, processes: int = 2,
+                 timeout: float = HANG_TIMEOUT) -> subprocess.CompletedProcess:
     """`torchrun --standalone` of the script (or another file) with `processes` CPU processes (gloo), offline."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(script), *map(str, args)]

@@ -23,7 +23,7 @@ def untimed_metrics(output_dir) -> list[dict]:
 
 
 def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
-    first = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'a'}", timeout=300)
+    first = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'a'}")
     check_ok(first)
     output = tmp_path / "a"
     # the synthetic data goes through the local-file path, the tiny model through from_pretrained
@@ -49,7 +49,7 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
             assert isinstance(comparison[row][key], float), (row, key)
     assert first.stdout.count("example ") == 3 and "reference:" in first.stdout
 
-    second = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'b'}", timeout=300)
+    second = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'b'}")
     check_ok(second)
     assert read_jsonl(tmp_path / "b" / "eval.jsonl") == evaluations  # same seed, same numbers
     assert json.loads((tmp_path / "b" / "comparison.json").read_text()) == comparison  # the control's too
@@ -60,7 +60,7 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
 
 def test_benchmark_prints_and_writes_every_phase(tmp_path):
     result = run_script("--benchmark", "--max_steps=1", "--batch_size=2", "--group_size=4", "--micro_batch_size=8",
-                        "--max_new_tokens=6", "--eval_samples=4", f"--output_dir={tmp_path}", timeout=300)
+                        "--max_new_tokens=6", "--eval_samples=4", f"--output_dir={tmp_path}")
     check_ok(result)
     numbers = json.loads((tmp_path / "benchmark.json").read_text())
     for key in ("steps_per_second", "articles_per_second", "generated_tokens_per_second", "share_generate",
@@ -116,7 +116,7 @@ SHORT = ["--demo", "--sft_steps=6", "--sft_batch_size=4", "--max_steps=2", "--ba
 
 def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_path):
     flags = (*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--sft_eval_every=4", "--max_steps=4")
-    result = run_script(*flags, timeout=300)
+    result = run_script(*flags)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ("start", "control", "grpo")
     for seed in (4, 5):
@@ -162,26 +162,26 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
 
     # --resume=True (what a stopped run prints): finished seeds are read back, not trained again
     (tmp_path / "seed_5" / "comparison.json").unlink()  # as if stopped after seed 5's GRPO steps, before its report
-    resumed = run_script(*flags, "--resume=True", timeout=300)
+    resumed = run_script(*flags, "--resume=True")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
     assert json.loads((tmp_path / "comparison_seeds.json").read_text())["grpo"] == summary["grpo"]
 
     # a finished seed is read back only if it ran with the same flags and this script wrote its report
-    changed = run_script(*flags, "--resume=True", "--temperature=0.9", timeout=300)
+    changed = run_script(*flags, "--resume=True", "--temperature=0.9")
     lines = changed.stderr.strip().splitlines()
     assert changed.returncode == 2 and "seed_4" in lines[-1] and "--temperature: 0.7 -> 0.9" in lines[-1], lines
-    longer = run_script(*flags, "--resume=True", "--max_steps=5", timeout=300)  # N of the comparison: not mixed
+    longer = run_script(*flags, "--resume=True", "--max_steps=5")  # N of the comparison: not mixed
     assert longer.returncode == 2 and "--max_steps: 4 -> 5" in longer.stderr.strip().splitlines()[-1]
     older = json.loads((tmp_path / "seed_4" / "comparison.json").read_text())
     del older["curves"], older["grpo"]["invented_summaries"]  # as an older version of the script wrote it
     (tmp_path / "seed_4" / "comparison.json").write_text(json.dumps(older))
-    stale = run_script(*flags, "--resume=True", timeout=300)
+    stale = run_script(*flags, "--resume=True")
     lines = stale.stderr.strip().splitlines()
     assert stale.returncode == 2 and "lacks curves, grpo.invented_summaries" in lines[-1], lines
     assert "--overwrite_output_dir" in lines[-1]
     # a fresh --demo_seeds run into the same folder would replace comparison_seeds.json: refused, nothing written
     before = (tmp_path / "comparison_seeds.json").read_bytes()
-    fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}", timeout=300)
+    fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}")
     assert fresh.returncode == 2 and "comparison_seeds.json" in fresh.stderr.strip().splitlines()[-1]
     assert (tmp_path / "comparison_seeds.json").read_bytes() == before and not (tmp_path / "seed_6").exists()

@@ -11,7 +11,7 @@ import torch
 from rouge_score import rouge_scorer
 
 import grpo_encoder_decoder_summarization as grpo
-from conftest import ROOT, build_in_process
+from conftest import HANG_TIMEOUT, ROOT, build_in_process
 
 KEYS = grpo.ROUGE_KEYS
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
@@ -252,7 +252,7 @@ def test_rouge_f1_without_punkt_matches_rouge_score(no_punkt):
 
 def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import grpo_encoder_decoder_summarization"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert result.stderr == ""

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok, data_args, good_rows, needs_peft,
-                      one_error, read_jsonl, run_script, subprocess_env)
+from conftest import (HANG_TIMEOUT, ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok, data_args, good_rows,
+                      needs_peft, one_error, read_jsonl, run_script, subprocess_env)
 
-POLL_DEADLINE = 600.0  # seconds; only a hung child gets near this (a shared CPU can be slow)
+POLL_DEADLINE = HANG_TIMEOUT  # seconds; only a hung child gets near this (a shared CPU can be slow)
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
@@ -348,7 +348,7 @@ def straight_run(tiny_bart_dir, data_files, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("straight")
     out = directory / "run"
     result = run_script(f"--model_name={tiny_bart_dir}", *data_args(data_files), *EXACT_ARGS, "--keep_checkpoints=1",
-                        f"--output_dir={out}", cwd=directory, timeout=300)
+                        f"--output_dir={out}", cwd=directory)
     check_ok(result)
     return out
 
@@ -377,7 +377,7 @@ def test_resume_after_sigkill_is_exact(straight_run, tiny_bart_dir, data_files, 
     # a save killed half-way leaves a .tmp file: one with a higher step number, full of junk, must be ignored
     (out / "checkpoints" / "step_00000009.pt.tmp").write_bytes(b"half a checkpoint")
 
-    result = run_script(*args, "--resume=True", cwd=tmp_path, timeout=300)
+    result = run_script(*args, "--resume=True", cwd=tmp_path)
     check_ok(result)
     assert "resumed from" in result.stderr and "step_00000002.pt at step 2" in result.stderr, result.stderr
 
@@ -504,7 +504,7 @@ def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, dat
     assert "stopped at step 2" in stderr, stderr
     assert not (out / "final").exists()  # a stopped run is not a finished one
 
-    result = run_script(*common, "--max_steps=3", "--resume=True", cwd=tmp_path, timeout=300)
+    result = run_script(*common, "--max_steps=3", "--resume=True", cwd=tmp_path)
     check_ok(result)
     assert "at step 2" in result.stderr, result.stderr
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
