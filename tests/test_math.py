@@ -373,10 +373,9 @@ def test_dr_grpo_divides_by_the_constant_max_completion_length():
 # scale_rewards = batch, and an unknown scale
 # --------------------------------------------------------------------------------------------------
 # Rewards [0, 1 | 2, 2], G = 2. Group means 0.5 and 2, so r - mean = [-0.5, 0.5, 0, 0].
-#   group: group sample stds sqrt(0.5) and 0   -> [-0.5, 0.5] / (0.707107 + eps), and [0, 0] (equal rewards)
 #   batch: batch mean 1.25, sample std sqrt(((-1.25)^2 + (-0.25)^2 + 0.75^2 + 0.75^2) / 3) = sqrt(2.75 / 3)
 #          = 0.957427                         -> [-0.5, 0.5, 0, 0] / (0.957427 + eps)
-#   none:                                     -> [-0.5, 0.5, 0, 0]
+# (group and none: the group_advantages hand cases above)
 REWARDS = [0.0, 1.0, 2.0, 2.0]
 
 
