@@ -139,8 +139,8 @@ def tiny_pegasus(vocab_size=40, seed=0):
 SCORING_MODELS = {"bart": lambda: tiny_bart(), "t5": lambda: tiny_t5(initializer_factor=1.0), "pegasus": lambda: tiny_pegasus()}
 
 
-def todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, group_size):
-    """GroupedSeq2Seq before the shared cross-attention: the encoder once, its output repeated to the G samples,
+def per_sample_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, group_size):
+    """The plain path the shared cross-attention replaced: the encoder once, its output repeated to the G samples,
     so every sample projects the cross-attention keys/values itself."""
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -151,8 +151,8 @@ def todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 
 
 
 @pytest.mark.parametrize("name", list(SCORING_MODELS))
-def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
-    """GroupedSeq2Seq (cross-attention K/V once per article) vs today's path: logits to 1e-5 in float32, and every
+def test_shared_cross_attention_scoring_equals_per_sample_scoring(grpo, name):
+    """GroupedSeq2Seq (cross-attention K/V once per article) vs per sample: logits to 1e-5 in float32, and every
     parameter's gradient in float64 (where a different order of float sums cannot hide a real difference)."""
     G = 3
     input_ids, attention_mask = articles()
@@ -164,7 +164,7 @@ def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
     for dtype in (torch.float32, torch.float64):
         shared_model.to(dtype), plain_model.to(dtype)
         shared = grpo.GroupedSeq2Seq(shared_model)(input_ids, attention_mask, decoder_input_ids, G)
-        plain = todays_grouped_forward(plain_model, input_ids, attention_mask, decoder_input_ids, G)
+        plain = per_sample_grouped_forward(plain_model, input_ids, attention_mask, decoder_input_ids, G)
         torch.testing.assert_close(shared, plain, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
     weights = torch.randn_like(plain)  # an arbitrary loss touching every logit
     (shared * weights).sum().backward()
@@ -207,7 +207,7 @@ def test_sampler_and_shared_scoring_work_through_a_peft_lora_model(grpo):
                                                 settings))
     decoder_input_ids = sequences.repeat_interleave(2, dim=0)
     shared = grpo.GroupedSeq2Seq(model)(input_ids, attention_mask, decoder_input_ids, 2)
-    plain = todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
+    plain = per_sample_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
 
 
