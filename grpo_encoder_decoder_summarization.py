@@ -3573,7 +3573,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmark(*start_process(config, given))
         if config.demo and config.resume and os.path.exists(os.path.join(config.output_dir, "comparison.json")):
             return finished_demo(config, given)
-        return train(config if config.demo else checked_against_model(config, given), given)
+        code = train(config if config.demo else checked_against_model(config, given), given)
+        if torch.distributed.is_initialized():  # no process tears the group down while another works (gloo aborts)
+            torch.distributed.barrier()
+        return code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
