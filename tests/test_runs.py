@@ -476,8 +476,8 @@ def test_lora_run_resumes_exactly_keeps_sft_and_saves_merged_models(grpo, tiny_b
 @pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["ctrl_c", "sigterm"])
 def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, data_files, tmp_path):
-    """Ctrl-C, and SIGTERM (what SLURM sends before pre-empting a job): finish the step, save a checkpoint, say
-    how to resume, exit 128 + the signal number; the resumed run goes on from that checkpoint. The child waits in
+    """Ctrl-C, and SIGTERM (what SLURM sends before pre-empting a job): stop at the next boundary, save the last
+    finished step, say how to resume, exit 128 + the signal number; the resumed run goes on from it. The child waits in
     step 2 (before logging it) until the signal's handler has run, so the signal always lands during step 2: the
     run must stop after step 2 of 4, with no checkpoint due (save_every 1000) but the one the signal asks for."""
     out = tmp_path / "run"
@@ -489,7 +489,8 @@ def test_a_signal_saves_and_resumes(signal_number, exit_code, tiny_bart_dir, dat
     try:
         wait_for(reached.exists, process, "step 2", stderr_path)
         process.send_signal(signal_number)
-        wait_for(lambda: f"{name}: finishing this step" in stderr_path.read_text(), process, "the signal's handler",
+        wait_for(lambda: f"{name}: stopping at the next boundary" in stderr_path.read_text(), process,
+                 "the signal's handler",
                  stderr_path)
         release.touch()
         returncode = process.wait(timeout=POLL_DEADLINE)
