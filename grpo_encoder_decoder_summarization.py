@@ -987,7 +987,7 @@ class StaticCacheDecoderStep:
         from transformers import StaticCache
 
         if not isinstance(cache.self_attention_cache, StaticCache):  # first step: move the keys/values over
-            static = StaticCache(config=model.config, max_cache_len=self.max_new_tokens)
+            static = StaticCache(config=model.get_decoder().config, max_cache_len=self.max_new_tokens)  # T5: decoder's layers
             for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
                 static.update(keys, values, layer)
             cache.self_attention_cache = static
