@@ -55,3 +55,97 @@ def test_static_step_equals_decoder_step(grpo, name):
     static = sample(grpo, model, eos, pad, grpo.StaticCacheDecoderStep(10))
     assert torch.equal(static[0], expected[0])
     torch.testing.assert_close(static[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+# ---- the memory plan (--estimate_memory) -----------------------------------------------------------------------
+def test_memory_tracker_counts_storages_once_until_freed(grpo):
+    tracker = grpo.MemoryTracker(block=1)
+    with tracker:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[10:]  # same storage: not counted again
+        b = a * 2
+        assert tracker.live == 8000 and view.numel() == 990
+        del a, b
+        assert tracker.live == 4000  # the view keeps a's storage alive
+        del view
+    assert tracker.live == 0 and tracker.peak == 8000
+    with grpo.MemoryTracker() as rounded:  # CUDA's allocator rounds to 512 bytes
+        c = torch.zeros(3)
+        assert rounded.live == 512 and c.numel() == 3
+
+
+def test_emulated_cuda_autocast_runs_layer_norm_in_float32_and_linear_in_bf16(grpo):
+    x, weight = torch.randn(2, 8), torch.randn(8, 8)
+    with grpo.emulated_cuda_autocast(torch.device("cpu")):
+        projected = torch.nn.functional.linear(x, weight)
+        normed = torch.nn.functional.layer_norm(projected, (8,))
+        probs = projected.softmax(dim=-1)
+    assert projected.dtype == torch.bfloat16
+    assert normed.dtype == torch.float32 and probs.dtype == torch.float32
+
+
+def demo_size_run(grpo, directory, config):
+    """A real CPU GRPO run's pieces on the demo's BART (0.8M parameters), with EOS never sampled: every summary
+    runs to max_new_tokens, as the memory plan assumes."""
+    rows = grpo.make_synthetic_corpus(60, seed=0)
+    tokenizer = grpo.build_word_tokenizer([r["article"] for r in rows] + [r["highlights"] for r in rows],
+                                          str(directory), "bart")
+    grpo.build_demo_model(str(directory), tokenizer, seed=0)
+    policy, tokenizer = grpo.load_policy_and_tokenizer(config, torch.device("cpu"))
+    with torch.no_grad():
+        policy.final_logits_bias[:, tokenizer.eos_token_id] = -1e4
+    grpo.set_grpo_mode(policy, config)
+    optimizer = torch.optim.AdamW(list(policy.parameters()), lr=1e-6, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = {key: [row[key] for row in rows[:config.batch_size]] for key in ("article", "highlights")}
+    return policy, tokenizer, grpo.GroupedSeq2Seq(grpo.frozen_copy(policy)), optimizer, scheduler, batch
+
+
+def test_memory_plan_is_within_15_percent_of_a_real_cpu_step(grpo, tmp_path):
+    """The plan (fake tensors, CPU float32) against a real grpo_step on CPU, measured by the same MemoryTracker on
+    real tensors: the second step (AdamW's state exists), its weights, pi_ref, AdamW state and gradients counted."""
+    config = grpo.Config(model_name=str(tmp_path), batch_size=4, group_size=4, micro_batch_size=8,
+                         max_source_length=48, max_new_tokens=24, device="cpu")
+    cpu = torch.device("cpu")
+    policy, tokenizer, reference_forward, optimizer, scheduler, batch = demo_size_run(grpo, tmp_path, config)
+    policy_forward = grpo.GroupedSeq2Seq(policy)
+    grpo.grpo_step(policy, policy_forward, reference_forward, tokenizer, batch, optimizer, scheduler, config, cpu)
+    tracker = grpo.MemoryTracker(block=1)
+    tracker.track([*policy.parameters(), *policy.buffers(), *reference_forward.parameters(),
+                   *reference_forward.buffers(), *(p.grad for p in policy.parameters() if p.grad is not None),
+                   *(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))])
+    steady = tracker.live
+    with tracker:
+        numbers = grpo.grpo_step(policy, policy_forward, reference_forward, tokenizer, batch, optimizer, scheduler,
+                                 config, cpu)
+    assert numbers["completion_length"] == config.max_new_tokens
+    plan = grpo.memory_plan(policy.config, config, [8], cuda=False)
+    planned = max(plan["rollout"], plan["reference"][8], plan["update"][8])
+    assert abs(planned / tracker.peak - 1) < 0.15, (planned, tracker.peak)
+    assert abs(plan["steady"] / steady - 1) < 0.01, (plan["steady"], steady)
+    assert plan["update"][8] > plan["steady"] and plan["rollout"] > plan["steady"]
+
+
+def test_estimate_memory_prints_a_table_and_writes_nothing(tmp_path):
+    from conftest import run_script
+    from transformers import T5Config
+
+    T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=2, num_heads=2,
+             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).save_pretrained(tmp_path / "model")
+    result = run_script("--estimate_memory=True", f"--model_name={tmp_path / 'model'}", "--batch_size=2",
+                        "--group_size=4", "--micro_batch_size=4", "--max_source_length=16", "--max_new_tokens=4",
+                        "--gpu_memory_gb=1", f"--output_dir={tmp_path / 'run'}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("memory plan: ") and "CUDA bf16 autocast" in lines[0]
+    assert [line.split()[0] for line in lines[4:6]] == ["4", "8"]  # micro_batch_size rows: G and B*G
+    assert lines[-1] == "largest micro_batch_size that fits 90% of 1 GB: 8"
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpu_memory_gb_without_estimate_memory_is_one_clear_error(tmp_path):
+    from conftest import run_script
+
+    result = run_script("--gpu_memory_gb=24", f"--output_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --gpu_memory_gb applies to --estimate_memory only: add it, or leave it out"
