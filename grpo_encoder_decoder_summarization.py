@@ -972,34 +972,103 @@ def load_saved_model(directory: str, config: Config, device: torch.device):
 
 
 def sampler_step_function(config: Config):
-    """The sampler's decoder step: the plain one, or with --compile_sampler a compiled one with a static cache."""
-    return StaticCacheDecoderStep(config.max_new_tokens, compiled=True) if config.compile_sampler else decoder_step
-
-
-class StaticCacheDecoderStep:
-    """decoder_step with the self-attention keys/values in a transformers StaticCache of max_new_tokens positions,
-    so that every step has the same shapes; compiled=True runs it through torch.compile(mode="reduce-overhead"),
-    which replays each step as a CUDA graph on CUDA (--compile_sampler). Same tokens as decoder_step (tested)."""
-
-    def __init__(self, max_new_tokens: int, compiled: bool = False):
-        self.max_new_tokens = max_new_tokens
-        self.step = compiled_decoder_step() if compiled else decoder_step
-
-    def __call__(self, model, encoder_outputs, attention_mask, token, cache) -> torch.Tensor:
-        from transformers import StaticCache
-
-        if not isinstance(cache.self_attention_cache, StaticCache):  # first step: move the keys/values over
-            static = StaticCache(config=model.get_decoder().config, max_cache_len=self.max_new_tokens)  # T5: decoder's layers
-            for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
-                static.update(keys, values, layer)
-            cache.self_attention_cache = static
-        return self.step(model, encoder_outputs, attention_mask, token, cache).clone()  # a graph's output is reused
+    """The sampler's decoder step: the plain one, or with --compile_sampler the run's compiled static step."""
+    return run_static_step(config.max_new_tokens, config.max_source_length) if config.compile_sampler else decoder_step
 
 
 @lru_cache(maxsize=1)
-def compiled_decoder_step():
-    """decoder_step under torch.compile(mode="reduce-overhead"): on CUDA, each step replays a CUDA graph."""
-    return torch.compile(decoder_step, mode="reduce-overhead", dynamic=False)
+def run_static_step(max_new_tokens: int, max_source_length: int) -> "StaticCacheDecoderStep":
+    """The run's one compiled static step: its buffers, compile and CUDA graph serve every rollout of the run."""
+    return StaticCacheDecoderStep(max_new_tokens, compiled=True, max_source_length=max_source_length)
+
+
+class StaticCacheDecoderStep:
+    """decoder_step on buffers allocated once per run, so that every step of every rollout has the same shapes and
+    addresses and its only per-step input is the token: the self-attention keys/values (a transformers StaticCache
+    of max_new_tokens positions, with the decoder's layer count), the cross-attention keys/values, the encoder's
+    output and its mask, all padded to max_source_length (the mask 0 there; None: the first rollout's length).
+
+    The first step of each rollout resets the buffers and copies that rollout's keys/values in. Under autocast (the
+    CUDA sampler), the decoder's linear weights are read from bf16 copies refreshed once per rollout: what autocast
+    casts on every step, the same numbers. compiled=True runs the step through torch.compile(mode="reduce-overhead",
+    dynamic=False): one compile per run whatever the article lengths, and on CUDA one CUDA graph recorded once and
+    replayed by every step of every rollout (the buffers are marked static addresses, so nothing is copied into the
+    graph but the token). Same tokens as decoder_step (tested).
+    """
+
+    def __init__(self, max_new_tokens: int, compiled: bool = False, max_source_length: int | None = None,
+                 backend="inductor"):
+        self.max_new_tokens, self.max_source_length, self.compiled = max_new_tokens, max_source_length, compiled
+        self.backend = backend  # torch.compile's backend (tests pass one that counts graphs)
+        self.model = self.shape = self.rollout_cache = None
+
+    def __call__(self, model, encoder_outputs, attention_mask, token, cache) -> torch.Tensor:
+        if self.rollout_cache is None or self.rollout_cache() is not cache:  # a rollout's first step here
+            self.start_rollout(model, encoder_outputs.last_hidden_state, attention_mask, cache)
+        if self.compiled:  # each step a new CUDA-graph generation: the same recording replayed
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step(token).clone()  # a CUDA graph's output buffer is overwritten by the next replay
+
+    def start_rollout(self, model, hidden: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
+        """Reset the run's buffers (allocated here on the first rollout) and copy this rollout's in; the rollout's
+        cache then points at the buffers, so that its own keys/values are freed."""
+        import weakref
+
+        length = hidden.size(1)
+        if self.max_source_length is not None and length > self.max_source_length:
+            raise ValueError(f"articles of {length} tokens exceed the static step's {self.max_source_length}")
+        autocast_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else None
+        shape = (hidden.size(0), hidden.size(2), hidden.dtype, hidden.device, autocast_dtype)  # else: new buffers
+        if model is not self.model or shape != self.shape or length > self.hidden.size(1):
+            self.allocate(model, shape, max(length, self.max_source_length or 0))
+        self.self_cache.reset()
+        self.cross_cache.reset()
+        for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):  # the first token's keys/values
+            self.self_cache.update(keys, values, layer)
+        for layer, (keys, values, *_) in enumerate(cache.cross_attention_cache):  # positions past length stay 0
+            self.cross_cache.update(keys, values, layer)
+        self.cache.is_updated = {layer: True for layer in range(len(self.cross_cache))}
+        self.hidden.zero_()[:, :length].copy_(hidden)
+        self.attention_mask.zero_()[:, :length].copy_(attention_mask)
+        for name, weight in self.sampling_weights.items():  # once per rollout, not in every step
+            weight.copy_(self.sources[name])
+        cache.self_attention_cache, cache.cross_attention_cache = self.self_cache, self.cross_cache  # frees its own
+        self.rollout_cache = weakref.ref(cache)  # which rollout the buffers hold, without keeping its cache alive
+
+    def allocate(self, model, shape: tuple, length: int) -> None:
+        """The buffers, the bf16 weight copies under autocast, and the (compiled) step over them."""
+        from transformers import EncoderDecoderCache, StaticCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        rows, width, dtype, device, autocast_dtype = shape
+        decoder_config = model.get_decoder().config  # T5's decoder may have more layers than its encoder
+        self.self_cache = StaticCache(config=decoder_config, max_cache_len=self.max_new_tokens)
+        self.cross_cache = StaticCache(config=decoder_config, max_cache_len=length)
+        self.cache = EncoderDecoderCache(self.self_cache, self.cross_cache)
+        self.hidden = torch.zeros(rows, length, width, dtype=dtype, device=device)
+        self.attention_mask = torch.zeros(rows, length, dtype=torch.long, device=device)
+        self.encoder_outputs = BaseModelOutput(last_hidden_state=self.hidden)
+        encoder = {id(module) for module in model.get_encoder().modules()}
+        self.sources = {f"{name}.{key}": tensor for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and id(module) not in encoder
+                        for key, tensor in (("weight", module.weight), ("bias", module.bias)) if tensor is not None} \
+            if autocast_dtype is not None else {}
+        self.sampling_weights = {name: torch.empty_like(tensor, dtype=autocast_dtype, requires_grad=False)
+                                 for name, tensor in self.sources.items()}
+        for tensor in [self.hidden, self.attention_mask, *self.sampling_weights.values()]:
+            torch._dynamo.mark_static_address(tensor)
+        self.model, self.shape = model, shape
+        self.step = torch.compile(self.decode, backend=self.backend, dynamic=False, mode="reduce-overhead"
+                                  if self.backend == "inductor" else None) if self.compiled else self.decode
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """decoder_step on the buffers, the linear layers reading the bf16 weights under autocast."""
+        model = self.model
+        if self.sampling_weights:
+            model = lambda **inputs: torch.func.functional_call(  # noqa: E731
+                self.model, self.sampling_weights, (), inputs, tie_weights=False, strict=False)
+        return decoder_step(model, self.encoder_outputs, self.attention_mask, token, self.cache)
 
 
 def fused_adamw(device: torch.device) -> bool:
@@ -3063,12 +3132,15 @@ def memory_plan(model_config, config: Config, micro_batch_sizes: list[int], cuda
         input_ids = torch.full((batch, config.max_source_length), 5, dtype=torch.long)
         attention_mask = torch.ones_like(input_ids)
         eos = model_config.eos_token_id if model_config.eos_token_id is not None else 1
-        step_function = sampler_step_function(dataclasses.replace(config, compile_sampler=False))
-        for step, sizes in ((0, [config.micro_batch_size]), (1, micro_batch_sizes)):
-            with tracker.phase_peak(peaks if step else {}, "rollout"), autocast(device), eval_mode(policy):
-                sequences, _ = sample_completions(policy, input_ids, attention_mask, group, config.max_new_tokens,
-                                                  eos, 0, config.temperature, config.top_p, with_logprobs=False,
-                                                  step_function=step_function)
+        step_function = StaticCacheDecoderStep(config.max_new_tokens, max_source_length=config.max_source_length) \
+            if config.compile_sampler else decoder_step  # compiled or not: the same buffers
+        for step, sizes in ((0, [config.micro_batch_size]), (1, micro_batch_sizes)):  # 0: AdamW's state
+            sequences = torch.zeros(batch * group, 1 + config.max_new_tokens, dtype=torch.long)
+            with tracker.phase_peak(peaks, "rollout"), autocast(device), eval_mode(policy):
+                if step == 1:
+                    sequences, _ = sample_completions(policy, input_ids, attention_mask, group, config.max_new_tokens,
+                                                      eos, 0, config.temperature, config.top_p, with_logprobs=False,
+                                                      step_function=step_function)
             completion_ids = sequences[:, 1:]
             rollout = Rollout(input_ids, attention_mask, sequences[:, :-1], completion_ids,
                               torch.ones(completion_ids.shape), torch.zeros(batch * group))

@@ -33,11 +33,26 @@ def unequal_bart(seed=0):
     return model
 
 
+def tiny_pegasus(seed=0):
+    """A tiny Pegasus (sinusoidal positions, pre-norm; decoder start = pad)."""
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    config = PegasusConfig(vocab_size=40, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                           max_position_embeddings=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                           dropout=0.0, init_std=0.5)
+    torch.manual_seed(seed)
+    model = PegasusForConditionalGeneration(config).eval()
+    model.generation_config.forced_bos_token_id = None
+    return model
+
+
 MODELS = {  # model, eos, pad
     "t5_more_decoder_layers": lambda: (unequal_t5(), 1, 0),
     "bart_more_decoder_layers": lambda: (unequal_bart(), 2, 1),
     "bart_forced_bos": lambda: (tiny_bart(forced_bos=0), 2, 1),
     "t5": lambda: (tiny_t5(), 1, 0),
+    "pegasus": lambda: (tiny_pegasus(), 1, 0),
 }
 
 
@@ -55,6 +70,125 @@ def test_static_step_equals_decoder_step(grpo, name):
     static = sample(grpo, model, eos, pad, grpo.StaticCacheDecoderStep(10))
     assert torch.equal(static[0], expected[0])
     torch.testing.assert_close(static[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+
+# ---- one set of buffers per run: rollouts of any article length, one graph whose only per-step input is the token
+LENGTHS = (9, 6, 12)  # article lengths of successive rollouts; the buffers are padded to 12 (max_source_length)
+
+
+class GraphRecorder:
+    """A torch.compile backend that records each graph it is given: its inputs that are not static addresses
+    (what a CUDA graph would copy in on every replay), and runs it eagerly."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        inputs = []
+        for node in graph_module.graph.find_nodes(op="placeholder"):
+            if not node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"):
+                value = node.meta["example_value"]
+                inputs.append((node._dynamo_source.name, value.numel() * value.element_size()))
+        self.graphs.append(inputs)
+        return graph_module.forward
+
+
+def rollouts(grpo, model, eos, pad, step_function, lengths=LENGTHS, greedy=False):
+    """One rollout per article length, each seeded alike; returns [(sequences, logprobs), ...]."""
+    results = []
+    for length in lengths:
+        results.append(sample(grpo, model, eos, pad, step_function, length=length, greedy=greedy))
+    return results
+
+
+def assert_same_samples(results, expected, atol=1e-5):
+    for (sequences, logprobs), (expected_sequences, expected_logprobs) in zip(results, expected):
+        assert torch.equal(sequences, expected_sequences)
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_padded_static_buffers_equal_decoder_step_over_rollouts_of_different_lengths(grpo, name):
+    model, eos, pad = MODELS[name]()
+    step = grpo.StaticCacheDecoderStep(10, max_source_length=max(LENGTHS))
+    results = rollouts(grpo, model, eos, pad, step)
+    assert_same_samples(results, rollouts(grpo, model, eos, pad, grpo.decoder_step))
+    assert step.hidden.size(1) == max(LENGTHS) and step.attention_mask.size(1) == max(LENGTHS)
+
+
+def test_buffers_are_allocated_once_per_run_and_refilled_per_rollout(grpo):
+    model, eos, pad = unequal_t5(), 1, 0
+    step = grpo.StaticCacheDecoderStep(10, max_source_length=max(LENGTHS))
+    sample(grpo, model, eos, pad, step, length=9)
+    addresses = [step.hidden.data_ptr(), step.attention_mask.data_ptr(), step.self_cache.layers[0].keys.data_ptr(),
+                 step.cross_cache.layers[2].values.data_ptr()]
+    with torch.no_grad():  # the policy changes between rollouts (an update): the next rollout must see it
+        model.decoder.block[2].layer[1].EncDecAttention.o.weight.mul_(1.5)
+    assert_same_samples([sample(grpo, model, eos, pad, step, length=6)],
+                        [sample(grpo, model, eos, pad, grpo.decoder_step, length=6)])
+    assert addresses == [step.hidden.data_ptr(), step.attention_mask.data_ptr(),
+                         step.self_cache.layers[0].keys.data_ptr(), step.cross_cache.layers[2].values.data_ptr()]
+    assert len(step.cross_cache.layers) == 3  # the decoder's layer count (its encoder has 1)
+
+
+def test_run_uses_one_static_step_for_every_rollout(grpo):
+    config = grpo.Config(compile_sampler=True, max_new_tokens=7, max_source_length=20)
+    step = grpo.sampler_step_function(config)
+    assert step is grpo.sampler_step_function(config) and step.compiled
+    assert (step.max_new_tokens, step.max_source_length) == (7, 20)
+    assert grpo.sampler_step_function(grpo.Config()) is grpo.decoder_step
+
+
+@pytest.mark.parametrize("name", ["t5_more_decoder_layers", "bart_forced_bos"])
+def test_compiled_step_is_one_graph_for_all_lengths_whose_only_per_step_input_is_the_token(grpo, name):
+    """Compiled (a recording backend, no inductor) over rollouts of three article lengths: one graph, no graph
+    break, and every graph input but the token a static address (the buffers, the weights); same samples."""
+    import torch._dynamo
+
+    model, eos, pad = MODELS[name]()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    recorder = GraphRecorder()
+    step = grpo.StaticCacheDecoderStep(10, compiled=True, max_source_length=max(LENGTHS), backend=recorder)
+    results = rollouts(grpo, model, eos, pad, step)
+    assert len(recorder.graphs) == 1 and not torch._dynamo.utils.counters["graph_break"]
+    assert recorder.graphs[0] == [("L['token']", 9 * 8)]  # B*G = 3*3 int64 tokens
+    assert_same_samples(results, rollouts(grpo, model, eos, pad, grpo.decoder_step))
+
+
+def test_under_autocast_the_step_reads_bf16_weights_cast_once_per_rollout(grpo):
+    """Under autocast the decoder's linear layers read bf16 copies made at the rollout's start (not cast in the
+    graph): the same samples as decoder_step under autocast, and still only the token as a per-step input."""
+    import torch._dynamo
+
+    model, eos, pad = tiny_bart(forced_bos=0), 2, 1
+    torch._dynamo.reset()
+    recorder = GraphRecorder()
+    step = grpo.StaticCacheDecoderStep(10, compiled=True, max_source_length=max(LENGTHS), backend=recorder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = rollouts(grpo, model, eos, pad, step, greedy=True)
+        expected = rollouts(grpo, model, eos, pad, grpo.decoder_step, greedy=True)
+    assert all(torch.equal(ours, theirs) for (ours, _), (theirs, _) in zip(results, expected))
+    assert {weight.dtype for weight in step.sampling_weights.values()} == {torch.bfloat16}
+    assert "lm_head.weight" in step.sampling_weights and not any(n.startswith("model.encoder.") for n in step.sampling_weights)
+    assert model.lm_head.weight.dtype == torch.float32  # the policy's own weights are untouched
+    torch.testing.assert_close(step.sampling_weights["lm_head.weight"], model.lm_head.weight.bfloat16(), atol=0, rtol=0)
+    assert len(recorder.graphs) == 1 and recorder.graphs[0] == [("L['token']", 9 * 8)]
+
+
+def test_inductor_compiles_the_step_once_for_rollouts_of_different_lengths(grpo):
+    """The real compile (inductor; on CPU no CUDA graphs): one compiled frame over three article lengths."""
+    import torch._dynamo
+
+    model, eos, pad = tiny_bart(), 2, 1
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = grpo.StaticCacheDecoderStep(10, compiled=True, max_source_length=max(LENGTHS))
+    results = rollouts(grpo, model, eos, pad, step)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert_same_samples(results, rollouts(grpo, model, eos, pad, grpo.decoder_step), atol=1e-4)
 
 
 # ---- the memory plan (--estimate_memory) -----------------------------------------------------------------------
