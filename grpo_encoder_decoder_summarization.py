@@ -1477,6 +1477,9 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
          f"--text_column and --summary_column are both {config.text_column!r}; the article and its reference "
          "summary must be two different columns"),
         (config.gpu_memory_gb > 0, "--gpu_memory_gb must be > 0"),
+        (not config.estimate_memory or config.lora_r == 0,
+         "--estimate_memory plans full fine-tuning only (peft cannot add adapters to fake tensors): leave --lora_r "
+         "out for an upper bound"),
         ("gpu_memory_gb" not in given or config.estimate_memory,
          "--gpu_memory_gb applies to --estimate_memory only: add it, or leave it out"),
         (not config.estimate_memory or not (config.eval_only or config.demo or config.benchmark or config.resume),
@@ -3118,13 +3121,8 @@ def memory_plan(model_config, config: Config, micro_batch_sizes: list[int], cuda
         warnings.simplefilter("ignore")  # peft and transformers warn about fake-tensor details
         policy = AutoModelForSeq2SeqLM.from_config(model_config, dtype=torch.float32)
         set_grpo_mode(policy, config)
-        if config.lora_r > 0:
-            policy = add_lora(policy, config)
-            set_grpo_mode(policy, config)
-            reference_forward = AdaptersDisabled(policy)
-        else:
-            reference = AutoModelForSeq2SeqLM.from_config(model_config, dtype=torch.float32).eval()  # frozen_copy's size
-            reference_forward = GroupedSeq2Seq(reference.requires_grad_(False))  # (a deepcopy leaves the fake mode)
+        reference = AutoModelForSeq2SeqLM.from_config(model_config, dtype=torch.float32).eval()  # frozen_copy's size
+        reference_forward = GroupedSeq2Seq(reference.requires_grad_(False))  # (a deepcopy leaves the fake mode)
         policy_forward = GroupedSeq2Seq(policy)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                       weight_decay=config.weight_decay, fused=True)

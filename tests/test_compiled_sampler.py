@@ -283,3 +283,40 @@ def test_gpu_memory_gb_without_estimate_memory_is_one_clear_error(tmp_path):
     result = run_script("--gpu_memory_gb=24", f"--output_dir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --gpu_memory_gb applies to --estimate_memory only: add it, or leave it out"
+
+
+def test_static_step_through_a_lora_policy_under_autocast_equals_decoder_step(grpo):
+    """A peft LoRA policy: the bf16 copies cover the adapters' linear layers too (by their PeftModel names)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_bart(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"],
+                                                   init_lora_weights=False)).eval()
+    step = grpo.StaticCacheDecoderStep(10, max_source_length=max(LENGTHS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = rollouts(grpo, model, 2, 1, step, greedy=True)
+        expected = rollouts(grpo, model, 2, 1, grpo.decoder_step, greedy=True)
+    assert all(torch.equal(ours, theirs) for (ours, _), (theirs, _) in zip(results, expected))
+    assert any("lora_A" in name for name in step.sampling_weights)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(estimate_memory=True, benchmark=True), "--estimate_memory cannot be combined with --eval_only, --demo"),
+    (dict(estimate_memory=True, lora_r=8), "--estimate_memory plans full fine-tuning only"),
+    (dict(estimate_memory=True, gpu_memory_gb=0.0), "--gpu_memory_gb must be > 0"),
+])
+def test_estimate_memory_flag_checks(grpo, flags, message):
+    with pytest.raises(grpo.ConfigError, match=message):
+        grpo.validate_config(grpo.Config(**flags), set(flags))
+
+
+def test_memory_plan_counts_the_compiled_samplers_buffers(grpo):
+    """--compile_sampler's buffers (allocated once per run) stay allocated: a higher steady state, on fake tensors."""
+    from transformers import BartConfig
+
+    model_config = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                              decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                              max_position_embeddings=64)
+    config = grpo.Config(batch_size=2, group_size=4, micro_batch_size=4, max_source_length=16, max_new_tokens=4)
+    plain = grpo.memory_plan(model_config, config, [4])
+    static = grpo.memory_plan(model_config, grpo.dataclasses.replace(config, compile_sampler=True), [4])
+    assert static["steady"] > plain["steady"] and static["update"][4] > plain["update"][4]
