@@ -3104,9 +3104,11 @@ def memory_plan(model_config, config: Config, micro_batch_sizes: list[int], cuda
 
     The model is built from its config on fake tensors (FakeTensorMode: shapes and dtypes, no memory, no weights
     read), and one step is run through the script's own functions (sample_completions, sequence_logprobs_no_grad,
-    grpo_update) with AdamW: a first step allocates AdamW's state, the second is measured, every summary at
-    max_new_tokens and every article at max_source_length. MemoryTracker counts the live storages. cuda=True: under
-    CUDA's bf16 autocast (emulated on CPU), as a CUDA run; False: no autocast, as a CPU run.
+    grpo_update) with AdamW: a first update (on a rollout of zeros) allocates AdamW's state and the gradients, the
+    second step is measured, every summary at max_new_tokens and every article at max_source_length; with
+    --compile_sampler, through StaticCacheDecoderStep's buffers (eager: the same memory as compiled, CUDA graph pools
+    aside). MemoryTracker counts the live storages. cuda=True: under CUDA's bf16 autocast (emulated on CPU), as a
+    CUDA run; False: no autocast, as a CPU run.
     """
     import unittest.mock
 
