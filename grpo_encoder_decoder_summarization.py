@@ -47,7 +47,7 @@ How to run:
   python grpo_encoder_decoder_summarization.py --model_name=t5-small --source_prefix="summarize: " --beta=0.02
   python grpo_encoder_decoder_summarization.py --train_file=train.jsonl --validation_file=val.jsonl
   torchrun --standalone --nproc_per_node=4 grpo_encoder_decoder_summarization.py --batch_size=4
-Every field of Config below can be set as --name=value; edit the defaults here to change a run for good.
+Every field of Config below can be set as --name=value (or --name value); edit the defaults here to change a run for good.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -108,6 +109,7 @@ class Config:
     rouge2_weight: float = 1.0  # weight of ROUGE-2 F1 in the reward
     rougeL_weight: float = 0.0  # weight of ROUGE-L F1 in the reward
     rougeLsum_weight: float = 1.0  # weight of ROUGE-Lsum F1 in the reward
+    rouge_tokenizer: str = "default"  # default: rouge_score's (a-z0-9); unicode: any script, not the papers' English ROUGE
     # GRPO update
     learning_rate: float = 1e-6  # AdamW learning rate of the GRPO phase
     weight_decay: float = 0.0  # AdamW weight decay
@@ -472,6 +474,8 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for index, (articles, samples) in enumerate(groups):
+            if iteration == 0:  # a signal stops here (stop_point) while the weights are the last finished step's
+                stop_point()
             with gradient_sync(policy_forward, index == len(groups) - 1):  # DDP: once per update
                 with timer("time_forward"), autocast(device):
                     logits = policy_forward(rollout.input_ids[articles], rollout.attention_mask[articles],
@@ -513,6 +517,7 @@ def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, 
     """
     timer, started = PhaseTimer(device), time.perf_counter()
     rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
+    stop_point()  # a boundary: after Ctrl-C or SIGTERM the run stops here (see StopRequest)
     with timer("time_reference"):
         rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
     if config.num_iterations > 1:  # pi_old = the policy as it sampled; with mu = 1 the ratio is exactly 1
@@ -636,7 +641,7 @@ def compute_rewards(predictions: list[str], references: list[str], articles: lis
       called   once per rollout, on every process for its own articles, never inside the mu updates.
     Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
     """
-    return rouge_rewards(predictions, references, reward_weights(config))
+    return rouge_rewards(predictions, references, reward_weights(config), config.rouge_tokenizer)
 
 
 def reward_weights(config: Config) -> dict[str, float]:
@@ -646,10 +651,11 @@ def reward_weights(config: Config) -> dict[str, float]:
     return {key: weight / total for key, weight in weights.items()}
 
 
-def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None) -> list[float]:
+def rouge_rewards(predictions: list[str], references: list[str], weights: dict[str, float] | None = None,
+                  tokenizer: str = "default") -> list[float]:
     """Reward of each prediction: sum_k weight_k * ROUGE-k F1, in [0, 1]. Default: mean of ROUGE-1, -2, -Lsum."""
     weights = weights or reward_weights(Config())
-    scores = rouge_f1(predictions, references)
+    scores = rouge_f1(predictions, references, tokenizer)
     return [sum(w * scores[key][i] for key, w in weights.items() if w) for i in range(len(predictions))]
 
 
@@ -665,12 +671,12 @@ def sft_labels(tokenizer, summaries: list[str], max_length: int) -> torch.Tensor
 
 
 def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device, dist: "Distributed", log,
-               held_out=None, curve_file: str | None = None) -> list[dict]:
+               held_out=None, curve_file: str | None = None, checkpoint: str | None = None) -> list[dict]:
     """sft_steps AdamW steps of cross-entropy on (article, reference summary) pairs, through the same forward.
 
     With sft_eval_every > 0 and held_out rows, the held-out ROUGE every sft_eval_every steps before the last (the
     caller evaluates the end), so one can see whether SFT had stopped improving. Returns those evaluations, and
-    appends each to curve_file (if given) as soon as it is made.
+    appends each to curve_file (if given) as soon as it is made. checkpoint: an SFT checkpoint (sft_N.pt) to go on from.
     """
     from transformers import get_scheduler
 
@@ -680,7 +686,19 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
                               config.sft_steps)
     policy.train()
     curve = []
-    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main)
+
+    def score(step: int, loss: float) -> None:  # held-out ROUGE after SFT step `step`
+        with eval_mode(policy):
+            metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
+        curve.append({"sft_step": step, "loss": loss, **metrics})
+        if curve_file:
+            append_jsonl(curve_file, curve[-1])
+        log(f"sft step {step}: " + format_scores(metrics))
+
+    saved = load_sft_checkpoint(checkpoint, policy, optimizer, scheduler, config, dist, log) if checkpoint else None
+    if saved and saved.evaluation_pending:  # stopped in the evaluation after this SFT step: do it again
+        score(saved.sft_step, saved.sft_loss)
+    progress = tqdm_bar(config.sft_steps, "sft", disable=not dist.is_main, initial=saved.sft_step if saved else 0)
     for step in progress:
         rows = train[batch_indices(step, config.sft_batch_size, len(train), config.seed + 1, dist.rank, dist.world_size)]
         encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
@@ -696,13 +714,10 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
         scored_now = config.sft_eval_every and (step + 1) % config.sft_eval_every == 0 and step + 1 < config.sft_steps
-        if scored_now and held_out is not None and len(held_out):
-            with eval_mode(policy):
-                metrics, _, _ = evaluate(policy, tokenizer, held_out, config, device, dist)
-            curve.append({"sft_step": step + 1, "loss": loss.item(), **metrics})
-            if curve_file:
-                append_jsonl(curve_file, curve[-1])
-            log(f"sft step {step + 1}: " + format_scores(metrics))
+        scored_now = bool(scored_now and held_out is not None and len(held_out))
+        finished_sft_step(step + 1, loss.item(), scored_now, policy, optimizer, scheduler, config, dist)  # a boundary
+        if scored_now:
+            score(step + 1, loss.item())
     set_grpo_mode(policy, config)
     log(f"sft: {config.sft_steps} steps, last loss {loss.item():.4f}")
     return curve
@@ -711,12 +726,13 @@ def sft_warmup(policy_forward, policy, tokenizer, train, config: Config, device,
 # --------------------------------------------------------------------------------------------------
 # Evaluation: greedy (or the checkpoint's own) decoding on held-out articles, ROUGE F1 with 95% CIs
 # --------------------------------------------------------------------------------------------------
-def score_summaries(predictions: list[str], references: list[str], seed: int) -> tuple[dict, dict[str, list[float]]]:
+def score_summaries(predictions: list[str], references: list[str], seed: int,
+                    tokenizer: str = "default") -> tuple[dict, dict[str, list[float]]]:
     """ROUGE-1/2/L/Lsum F1 of each summary, and the metrics: each mean with <key>_ci_low / <key>_ci_high.
 
     Returns (metrics, per-article scores). Every interval uses the same seed, so it reproduces.
     """
-    scores = rouge_f1(predictions, references)
+    scores = rouge_f1(predictions, references, tokenizer)
     metrics = {}
     for key, values in scores.items():
         metrics[key] = float(np.mean(values))
@@ -734,20 +750,27 @@ def evaluate(policy, tokenizer, held_out, config: Config, device, dist: "Distrib
     """
     settings = evaluation_settings(policy, tokenizer, config)
     mine = list(range(dist.rank, len(held_out), dist.world_size))
-    predictions = []
-    for start in range(0, len(mine), config.eval_batch_size):
+    predictions, special_only = [], []
+    for start in range(0, math.ceil(len(held_out) / dist.world_size), config.eval_batch_size):  # equal on all processes
+        stop_point()  # a boundary between batches (every process passes it equally often)
+        if start >= len(mine):
+            continue
         rows = held_out[mine[start:start + config.eval_batch_size]]
         encoded, _ = tokenize_articles(tokenizer, rows[config.text_column], config, device)
         with autocast(device):
             output = generate(policy, encoded, settings)
         predictions += tokenizer.batch_decode(output, skip_special_tokens=True)
-    predictions = dist.gather_in_order(list(zip(mine, predictions)))
+        special_only += special_token_summaries(policy, tokenizer, output)
+    predictions, special_only = zip(*dist.gather_in_order(list(zip(mine, zip(predictions, special_only)))))
+    predictions = list(predictions)
     articles, references = held_out[config.text_column], held_out[config.summary_column]
-    metrics, scores = score_summaries(predictions, references, config.seed)
+    metrics, scores = score_summaries(predictions, references, config.seed, config.rouge_tokenizer)
     metrics["gen_length"] = float(np.mean([len(p.split()) for p in predictions]))
     metrics["ref_length"] = float(np.mean([len(r.split()) for r in references]))
     metrics["distinct_fraction"] = len(set(predictions)) / len(predictions)
     metrics.update(summary_quality(predictions, references, articles))
+    metrics.update(empty_summaries=sum(not p.strip() for p in predictions) / len(predictions),
+                   special_token_summaries=sum(special_only) / len(predictions))
     examples = [{"article": articles[i], "reference": references[i], "prediction": predictions[i]}
                 for i in range(min(config.num_examples, len(predictions)))]
     per_article = [{"index": i, "reference": references[i], "prediction": predictions[i],
@@ -764,12 +787,13 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
     Returns the exit code: 0, or 130 after Ctrl-C / 143 after SIGTERM, with a checkpoint saved.
     """
     config, dist, log = start_process(config, given)  # processes, output dir, threads, the demo's files
-    run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state if resumed
-    stop, progress = StopRequest(log), tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main,
-                                                initial=run.state.step)
+    stop, run, progress = StopRequest(log, dist), None, None  # from here on (SFT too) a signal stops at a boundary
     try:
-        if run.state.step == 0:
-            evaluate_and_log(run, step=0)  # the start: held-out ROUGE before any GRPO step
+        run = build_run(config, dist, log)  # data, policy (after SFT), pi_ref, optimizer; a checkpoint's state
+        finished_step(run)  # what a signal saves until the next step is finished
+        progress = tqdm_bar(config.max_steps, "grpo", disable=not dist.is_main, initial=run.state.step)
+        if run.state.evaluation_pending:  # the start (step 0), or the evaluation a signal interrupted (resumed)
+            evaluate_and_log(run, step=run.state.step)  # held-out ROUGE (at step 0: before any GRPO step)
         for step in range(run.state.step + 1, config.max_steps + 1):
             # 1. a batch of B articles: a pure function of the step, so a resumed run sees the same data
             indices = batch_indices(step - 1, config.batch_size, len(run.train_rows), config.seed, dist.rank,
@@ -790,10 +814,13 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
                 save_run_checkpoint(run)
             if interrupted:
                 return stopped_early(run, stop)
+    except Stopped as stopped:  # at a boundary in SFT, a step or an evaluation: the last finished step is saved
+        return stopped_early(run, stop, stopped)
     finally:
         stop.restore()
-        progress.close()
-        run.trackers.close()
+        for opened in (progress, run and run.trackers):
+            if opened is not None:
+                opened.close()
     finish_run(run)  # final/, curves.png, the demo's comparison
     return 0
 
@@ -804,12 +831,15 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     from transformers import get_scheduler
 
     device = dist.device
-    checkpoint = checkpoint_to_resume(config, log)  # None for a fresh run; a resume's flags are checked first
+    checkpoint = checkpoint_to_resume(config, dist, log)  # None for a fresh run; a resume's flags are checked first
+    sft_checkpoint = checkpoint if checkpoint and is_sft_checkpoint(checkpoint) else None  # stopped during SFT
+    checkpoint = None if sft_checkpoint else checkpoint
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
     train_rows, held_out = load_data(config, log)
     policy, tokenizer = load_policy_and_tokenizer(config, device)
+    check_data_and_model(config, dist, log, train_rows, held_out, policy, tokenizer)  # one line per problem, at start
     set_grpo_mode(policy, config)
     policy_forward = None if config.lora_r > 0 else training_forward(policy, config, dist)  # LoRA: after SFT
     reference_dir = os.path.join(config.output_dir, "reference")
@@ -817,7 +847,8 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
         write_json_atomic(os.path.join(config.output_dir, RUN_CONFIG_FILE), dataclasses.asdict(config))
     if checkpoint is None and config.sft_steps > 0:
         sft_warmup(policy_forward or training_forward(policy, config, dist), policy, tokenizer, train_rows, config,
-                   device, dist, log, held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None)
+                   device, dist, log, held_out, os.path.join(config.output_dir, "sft_eval.jsonl") if dist.is_main else None,
+                   sft_checkpoint)
         if dist.is_main:  # pi_ref for a resumed run (with LoRA: the base the adapter of final/adapter applies to)
             save_pretrained_atomic(policy, tokenizer, reference_dir)
     if config.lora_r > 0:  # adapters after SFT: switched off, they give the post-SFT model, pi_ref (no copy)
@@ -1083,7 +1114,9 @@ def generation_settings(model, tokenizer, config: Config, sample: bool):
 
     Built from scratch (and used through generate(), which sets the checkpoint's own generation_config aside)
     so that a checkpoint's defaults (beams, no_repeat_ngram_size, min_length, forced EOS, top_k) cannot change
-    the distribution we sample from and then score.
+    the distribution we sample from. What is scored is softmax(logits / temperature), untruncated: with top_p < 1
+    the samples come from the renormalised top-p distribution, while pi_theta, pi_old and pi_ref score them on the
+    full one (as TRL does).
     """
     from transformers import GenerationConfig
 
@@ -1119,12 +1152,15 @@ def generate(model, encoded: dict, settings) -> torch.Tensor:
 def evaluation_settings(model, tokenizer, config: Config):
     """Decoding for evaluation: greedy (the rollout's settings without sampling), or with --eval_decoding=checkpoint
     the model's own generation_config (num_beams, length_penalty, no_repeat_ngram_size, min/max_length,
-    early_stopping, forced tokens), as papers report it, e.g. facebook/bart-large-cnn's 4 beams."""
+    early_stopping, forced tokens), as papers report it, e.g. facebook/bart-large-cnn's 4 beams; max_new_tokens where
+    it sets no length."""
     if config.eval_decoding == "greedy":
         return generation_settings(model, tokenizer, config, sample=False)
     import copy
 
     settings = copy.deepcopy(model.generation_config)
+    if settings.max_length is None and settings.max_new_tokens is None:  # else generate() stops at 20 tokens
+        settings.max_new_tokens = config.max_new_tokens
     if settings.pad_token_id is None:
         settings.pad_token_id = tokenizer.pad_token_id
     if settings.eos_token_id is None:
@@ -1170,7 +1206,7 @@ def start_process(config: Config, given: set[str]) -> tuple[Config, "Distributed
     if unused:
         log(f"note: {', '.join(unused)}: no effect, since --sft_steps=0 leaves the SFT warm-up out")
     if config.demo or config.benchmark:
-        config = prepare_demo(config, dist, log, given)
+        config = checked_against_model(prepare_demo(config, dist, log, given), given)  # the demo's model exists now
     return config, dist, log
 
 
@@ -1193,7 +1229,7 @@ class Run:
     trackers: "Trackers"
 
 
-def checkpoint_to_resume(config: Config, log) -> str | None:
+def checkpoint_to_resume(config: Config, dist: "Distributed", log) -> str | None:
     """With --resume: the newest checkpoint, after checking that the new flags would not change the run (before any
     data or model loads). None for a fresh run."""
     if not config.resume:
@@ -1202,7 +1238,7 @@ def checkpoint_to_resume(config: Config, log) -> str | None:
     if not checkpoints:
         raise UserError(f"--resume=True but {config.output_dir}/checkpoints has no checkpoint; start afresh without "
                         "--resume (add --overwrite_output_dir=True if the directory holds an earlier run)")
-    check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log)
+    check_resume_config(read_saved_config(checkpoints[-1], config.output_dir), config, log, dist.world_size)
     return checkpoints[-1]
 
 
@@ -1210,13 +1246,15 @@ def resume_run(run: Run, checkpoint: str) -> None:
     """Load the checkpoint into the run (weights, optimizer, schedule, counters, random state) and cut the logs back
     to its step, so a resumed run writes what the uninterrupted one would."""
     config, log = run.config, run.log
-    run.state = load_checkpoint(checkpoint, run.policy, run.optimizer, run.scheduler, run.dist.rank)
+    run.state = load_checkpoint(checkpoint, run.policy, run.optimizer, run.scheduler, run.dist.rank, log)
+    if run.state.step > config.max_steps:
+        log(f"note: --max_steps={config.max_steps} is below the checkpoint's step {run.state.step}: no step to run")
     old_lr, new_lr = continue_lr_schedule(run.scheduler, run.optimizer)
     if old_lr != new_lr:
         log(f"--max_steps={config.max_steps}: the {config.lr_scheduler} schedule now runs over {config.max_steps} "
             f"steps; the next update uses lr {new_lr:.4g} (the schedule's value at step {run.state.step}), not {old_lr:.4g}")
     if run.dist.is_main:  # rank 0 alone writes the logs (two writers would race on the .tmp file)
-        for name in ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl"):
+        for name in RUN_LOGS:
             keep_lines_up_to(os.path.join(config.output_dir, name), run.state.step)
     log(f"resumed from {checkpoint} at step {run.state.step}")
 
@@ -1233,6 +1271,7 @@ def checked_rewards(rewards, predictions: list[str]) -> list[float]:
 
 
 COMPLETION_ARTICLES = 2  # articles per logged step whose G samples go to completions.jsonl
+EQUAL_REWARD_STEPS = 5  # warn after this many steps in a row in which every group had equal rewards
 
 
 def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict) -> dict:
@@ -1258,6 +1297,11 @@ def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict)
     for count in ("articles", "articles_truncated"):  # counts: all processes together, not their mean
         metrics[count] = round(metrics[count] * dist.world_size)
     state.articles_truncated += metrics["articles_truncated"]
+    state.equal_rewards_in_a_row = state.equal_rewards_in_a_row + 1 if metrics["zero_std_groups"] == 1 else 0
+    if state.equal_rewards_in_a_row == EQUAL_REWARD_STEPS:  # once per such stretch
+        log(f"warning: for {EQUAL_REWARD_STEPS} steps in a row every article's {config.group_size} summaries got "
+            f"equal rewards (last mean {metrics['reward_mean']:.3f}), so GRPO has no learning signal; look at "
+            "--log_completions_every=1, the reward, --temperature or --rouge_tokenizer")
     metrics.update(nonfinite_steps=state.nonfinite_total, articles_truncated=state.articles_truncated)
     if dist.is_main:
         append_jsonl(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
@@ -1265,29 +1309,58 @@ def log_step(run: Run, step: int, indices: list[int], rows: dict, numbers: dict)
     if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
         raise UserError(f"stopping: {state.nonfinite_in_a_row} steps in a row had a NaN/inf loss; "
                         "try a lower --learning_rate or --max_grad_norm")
+    finished_step(run)
     return metrics
 
 
 def evaluate_and_log(run: Run, step: int) -> None:
-    """record_evaluation (eval.jsonl, best/), and the same numbers to the trackers."""
+    """record_evaluation (eval.jsonl, best/), and the same numbers to the trackers. A signal during it saves the step
+    with its evaluation pending (state.evaluation_pending), which the resumed run does again."""
+    run.state.evaluation_pending = True
     metrics = record_evaluation(run.config, run.dist, step, run.policy, run.tokenizer, run.held_out, run.state, run.log)
+    run.state.evaluation_pending = False
     run.trackers.log("eval", {"step": step, **metrics})
+    finished_step(run)
 
 
-def save_run_checkpoint(run: Run) -> None:
-    """checkpoints/step_N.pt with every process's random state (rank 0 writes it)."""
-    rng_states = run.dist.gather_in_order([(run.dist.rank, rng_state())])
+def save_run_checkpoint(run: Run, rng: dict | None = None) -> str:
+    """checkpoints/step_N.pt with every process's random state (now, or `rng`: the state a finished step left), rank 0
+    writes it. Returns what it saved, for the log ("step N")."""
+    rng_states = run.dist.gather_in_order([(run.dist.rank, rng_state() if rng is None else rng)])
     if run.dist.is_main:
         save_checkpoint(run.config.output_dir, run.policy, run.optimizer, run.scheduler, run.state, rng_states,
-                        run.config.keep_checkpoints, run.config)
+                        run.config.keep_checkpoints, run.config, run.dist.world_size)
+    return f"step {run.state.step}"
 
 
-def stopped_early(run: Run, stop: "StopRequest") -> int:
-    """After Ctrl-C or SIGTERM (the checkpoint is saved): say how to resume; the exit code is 128 + the signal."""
-    log_truncated_articles(run.state, run.config, run.dist, run.log)
-    run.log(f"stopped at step {run.state.step}; checkpoint saved. Continue with: python {sys.argv[0]} "
-            f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--resume'))} --resume=True")
-    return 128 + run.dist.max(stop.signal_number)
+def finished_step(run: Run) -> None:
+    """GRPO step run.state.step (and its evaluation, if any) is finished: until the next one is, a signal saves it,
+    with the random state of this moment (the one the next step starts from)."""
+    mark_finished(lambda rng: save_run_checkpoint(run, rng))
+
+
+def stopped_early(run: Run | None, stop: "StopRequest", stopped: "Stopped | None" = None) -> int:
+    """After Ctrl-C or SIGTERM (the checkpoint is saved): say how to resume, with a command to paste as is; the exit
+    code is 128 + the signal. stopped: raised at a boundary inside SFT, a step or an evaluation (else the end of a
+    step), it names the step saved."""
+    what = str(stopped) if stopped is not None else f"step {run.state.step}"
+    if run is not None:
+        log_truncated_articles(run.state, run.config, run.dist, run.log)
+    stop.log(f"stopped at {what}; checkpoint saved. Continue with: {continue_command()}")
+    return 128 + stop.dist.max(stop.signal_number)
+
+
+def continue_command(argv: list[str] | None = None, environ: typing.Mapping[str, str] = os.environ) -> str:
+    """The command that resumes this run, to paste into a POSIX shell as is: the launcher used (torchrun with its
+    process count, else python), the script path as given, every flag but --resume quoted, then --resume=True."""
+    argv = sys.argv if argv is None else argv
+    flags = [a for a in argv[1:] if a != "--resume" and not a.startswith("--resume=")] + ["--resume=True"]
+    world, local = int(environ.get("WORLD_SIZE", "1")), int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world == 1:
+        return shlex.join(["python", argv[0], *flags])
+    nodes = ["--standalone"] if world == local else [f"--nnodes={world // local}"]  # many nodes: add the rendezvous
+    return shlex.join(["torchrun", *nodes, f"--nproc_per_node={local}", argv[0], *flags]) + (
+        "" if world == local else "  (on every node, with your rendezvous flags)")
 
 
 def finish_run(run: Run) -> None:
@@ -1302,12 +1375,15 @@ def finish_run(run: Run) -> None:
     if dist.is_main:
         save_pretrained_atomic(run.policy, run.tokenizer, os.path.join(config.output_dir, "final"))
         plot_curves(config.output_dir)
-        log(f"done: model in {config.output_dir}/final, metrics in {config.output_dir}/metrics.jsonl")
+        metrics_file = os.path.join(config.output_dir, "metrics.jsonl")  # none with --max_steps=0
+        log(f"done: model in {config.output_dir}/final"
+            + (f", metrics in {metrics_file}" if os.path.exists(metrics_file) else ""))
     if config.demo:  # the control: the same start, trained max_steps more SFT steps instead of GRPO
         control, control_per_article, control_curve = demo_control(config, run.train_rows, run.held_out,
                                                                    dist.device, dist, log)
         if dist.is_main:
             report_demo(config, control, control_per_article, control_curve)
+    log(files_to_open(config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1317,6 +1393,7 @@ SFT_ONLY_FIELDS = frozenset({"sft_learning_rate", "sft_lr_scheduler", "sft_batch
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --report_to name -> package it needs
 EVAL_SPLITS = ("validation", "test")  # --eval_split values
 EVAL_DECODINGS = ("greedy", "checkpoint")  # --eval_decoding values
+ROUGE_TOKENIZERS = ("default", "unicode")  # --rouge_tokenizer values
 
 
 class UserError(Exception):
@@ -1365,7 +1442,8 @@ def config_groups() -> list[tuple[str, list[tuple[str, str, str]]]]:
 
 def help_text() -> str:
     """What --help prints: every flag, grouped as in Config, with its default and its comment."""
-    lines = [f"usage: python {os.path.basename(__file__)} [--name=value ...]   (a bare --name sets a bool to True)",
+    lines = [f"usage: python {os.path.basename(__file__)} [--name=value | --name value ...]   (a bare --name sets a bool "
+             "to True)",
              "Every field of Config is a flag; edit its default at the top of the script to change it for good."]
     for heading, fields in config_groups():
         lines.append(f"\n{heading}:")
@@ -1377,9 +1455,11 @@ def help_text() -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
-    """Parse --name=value flags (a bare --name sets a bool to True). Returns the config and the names given."""
+    """Parse --name=value or --name value flags (a bare --name sets a bool to True). Returns the config and the names
+    given."""
     hints = typing.get_type_hints(Config)
     values: dict[str, object] = {}
+    argv = spaced_values_joined(argv, hints)
     for arg in argv:
         name, has_value, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or name not in hints:
@@ -1390,13 +1470,64 @@ def parse_args(argv: list[str]) -> tuple[Config, set[str]]:
             raise ConfigError(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else "")
                               + f"; options are --name=value with name one of: {known} (--help explains them)")
         if not has_value and hints[name] is not bool:
-            raise ConfigError(f"--{name} needs a value: --{name}=...")
+            raise ConfigError(f"--{name} needs a value: --{name}=... or --{name} ...")
         values[name] = parse_value(name, text, hints[name]) if has_value else True
     config = Config(**values)
     if config.demo or config.benchmark:  # demo defaults, except where the user said otherwise
         defaults = {**DEMO_CONFIG, **(BENCHMARK_CONFIG if config.benchmark else {})}
         config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if k not in values})
     return config, set(values)
+
+
+BOOL_WORDS = ("1", "true", "yes", "0", "false", "no")  # what parse_value reads as a bool
+
+
+def spaced_values_joined(argv: list[str], hints: dict) -> list[str]:
+    """--name value (argparse's form) as --name=value: a flag's next argument is its value unless it starts with --;
+    a bool flag takes it only if it is a bool word (true, false, ...)."""
+    joined, position = [], 0
+    while position < len(argv):
+        arg, position = argv[position], position + 1
+        name = arg.removeprefix("--")
+        if (arg.startswith("--") and "=" not in arg and name in hints and position < len(argv)
+                and not argv[position].startswith("--")
+                and (hints[name] is not bool or argv[position].lower() in BOOL_WORDS)):
+            arg, position = f"{arg}={argv[position]}", position + 1
+        joined.append(arg)
+    return joined
+
+
+HUB_PROBE_SECONDS = 3  # how long the start waits to learn whether the Hugging Face hub can be reached
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, default huggingface.co) opens within timeout seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline_if_hub_unreachable(config: Config) -> None:
+    """When the run needs the hub (a hub model or dataset) and it cannot be reached, switch the libraries to their
+    offline mode with a note, so that cached files load and missing ones fail at once instead of after retries."""
+    needs_hub = not os.path.isdir(os.path.expanduser(config.model_name)) or not (
+        config.train_file or config.validation_file or config.test_file or config.demo or config.benchmark)
+    proxy = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not needs_hub or hub_offline() or proxy or config.demo or config.benchmark or hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # already imported: they read the variable at import
+            setattr(sys.modules[module], attribute, True)
+    note(f"note: the Hugging Face hub ({os.environ.get('HF_ENDPOINT') or 'huggingface.co'}) is unreachable, so only "
+         "cached models and datasets are used (HF_HUB_OFFLINE=1)")
 
 
 def validate_config(config: Config, given: set[str] = frozenset()) -> None:
@@ -1437,14 +1568,16 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
         (config.sft_eval_every >= 0, "--sft_eval_every must be >= 0 (0: off)"),
         (config.eval_split in EVAL_SPLITS, f"--eval_split must be one of {', '.join(EVAL_SPLITS)}"),
         (config.eval_decoding in EVAL_DECODINGS, f"--eval_decoding must be one of {', '.join(EVAL_DECODINGS)}"),
+        (config.rouge_tokenizer in ROUGE_TOKENIZERS, f"--rouge_tokenizer must be one of {', '.join(ROUGE_TOKENIZERS)}"),
         (config.eval_only or config.eval_split == "validation",
          "--eval_split=test needs --eval_only=True: training picks best/ on validation; score test after training"),
         ((config.eval_only and config.eval_split == "test") or not config.test_file,
          "--test_file is read only with --eval_only=True --eval_split=test"),
         (not (config.eval_only and config.eval_split == "test" and config.validation_file),
          "--eval_only=True --eval_split=test scores --test_file (or the hub test split), not --validation_file"),
-        (not config.eval_only or not config.train_file,
-         "--eval_only=True reads no training data: pass the articles to score as --validation_file or --test_file"),
+        (not config.eval_only or not config.train_file or bool(config.validation_file or config.test_file),
+         "--eval_only=True does not score --train_file (training held out some of its rows): pass the articles to "
+         "score as --validation_file (or --test_file with --eval_split=test)"),
         (not config.eval_only or config.eval_samples >= 1,
          "--eval_only=True needs --eval_samples >= 1, or leave it out to score every article of the split"),
         (not config.eval_only or not (config.demo or config.benchmark or config.resume),
@@ -1529,6 +1662,135 @@ def scheduler_names() -> tuple[str, ...]:
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # not reduce_lr_on_plateau, which needs a metric
             names.append(name)
     return tuple(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-of-run checks: what the model can take, and what the data and flags would do, said before any work
+# --------------------------------------------------------------------------------------------------
+def note(message: str) -> None:
+    """A line on stderr from the first process only (for checks made before join_processes gives a log)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
+def position_limits(model_config) -> tuple[int | None, int | None]:
+    """(encoder, decoder) positions the model can embed; None where it has no limit (T5's relative positions)."""
+    shared = getattr(model_config, "max_position_embeddings", None)
+    encoder = getattr(model_config, "max_encoder_position_embeddings", None) or shared  # LED: one per side
+    decoder = getattr(model_config, "max_decoder_position_embeddings", None) or shared
+    return encoder, decoder
+
+
+def fit_lengths(config: Config, model_config, given: set[str] | None = None, log=note) -> Config:
+    """--max_source_length and --max_new_tokens checked against the model's encoder and decoder positions: a given
+    flag beyond them is refused with one line, a default one is lowered to the limit with a note (given=None: every
+    flag counts as given)."""
+    encoder, decoder = position_limits(model_config)
+    over = [(flag, getattr(config, flag), limit, side) for flag, limit, side in (
+        ("max_source_length", encoder, "encoder"), ("max_new_tokens", decoder, "decoder"))
+        if limit is not None and getattr(config, flag) > limit]
+    for flag, value, limit, side in over:  # every refusal before any note
+        if given is None or flag in given:
+            raise ConfigError(f"--{flag}={value} exceeds the {limit} positions of the {model_config.model_type} "
+                              f"model's {side} (its config's max_position_embeddings): use --{flag}={limit} or less")
+    changes = {flag: limit for flag, _, limit, _ in over}
+    for flag, value, limit, side in over:
+        log(f"note: --{flag} lowered from its default {value} to {limit}, the positions of the model's {side}")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+ROUGE_CHECK_REFERENCES = 200  # references per split checked at the start for words ROUGE can score
+
+
+def check_rouge_words(config: Config, *splits) -> None:
+    """Stop at the start when most references have no word ROUGE can score (non-Latin text under rouge_score's
+    tokenizer): every reward and score would be 0."""
+    references = [text for split in splits for text in split.select(range(min(ROUGE_CHECK_REFERENCES, len(split))))[
+        config.summary_column]]
+    empty = [text for text in references if not rouge_tokens(text, config.rouge_tokenizer)]
+    if references and len(empty) * 2 > len(references):
+        fix = ("pass --rouge_tokenizer=unicode (words of any script)" if config.rouge_tokenizer == "default"
+               else f"check --summary_column={config.summary_column}")
+        raise UserError(f"{len(empty)} of {len(references)} reference summaries have no word ROUGE can score with "
+                        f"--rouge_tokenizer={config.rouge_tokenizer} (e.g. {empty[0][:40]!r}), so every reward "
+                        f"would be 0; {fix}")
+
+
+LENGTH_CHECK_ROWS = 20_000  # rows per split tokenized at the start to count truncation (evenly spaced beyond)
+
+
+def token_lengths(tokenizer, texts: list[str], target: bool = False) -> list[int]:
+    """Token counts of texts (special tokens included; target: as summaries are tokenized for SFT), in batches."""
+    lengths = []
+    for start in range(0, len(texts), 1000):
+        batch = texts[start:start + 1000]
+        lengths += map(len, (tokenizer(text_target=batch) if target else tokenizer(batch))["input_ids"])
+    return lengths
+
+
+def log_lengths(config: Config, tokenizer, log, splits: dict) -> None:
+    """One line before any training or evaluation: how many articles of each split max_source_length cuts and by
+    how much, and how many reference summaries are longer than max_new_tokens (a tokenizer pass over the data)."""
+    parts, long_summaries, summaries = [], 0, 0
+    for name, split in splits.items():
+        if len(split) == 0:
+            continue
+        rows = split.select(range(0, len(split), math.ceil(len(split) / LENGTH_CHECK_ROWS)))
+        articles = [config.source_prefix + text for text in rows[config.text_column]]
+        cut = [n - config.max_source_length for n in token_lengths(tokenizer, articles) if n > config.max_source_length]
+        sample = f" (every {math.ceil(len(split) / LENGTH_CHECK_ROWS)}th)" if len(rows) < len(split) else ""
+        parts.append(f"{len(cut)} of {len(rows)} {name} articles{sample}"
+                     + (f" by {np.mean(cut):.0f} tokens on average (at most {max(cut)})" if cut else ""))
+        lengths = token_lengths(tokenizer, rows[config.summary_column], target=True)
+        long_summaries += sum(n > config.max_new_tokens for n in lengths)
+        summaries += len(lengths)
+    if parts:
+        log(f"lengths: --max_source_length={config.max_source_length} cuts {'; '.join(parts)}; {long_summaries} of "
+            f"{summaries} reference summaries are longer than --max_new_tokens={config.max_new_tokens} tokens")
+
+
+@torch.no_grad()
+def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, held_out, policy, tokenizer) -> None:
+    """The checks a run makes once data and model have loaded, before anything is written: references ROUGE can
+    read, the lengths of articles and summaries (said first), a model that can sample."""
+    check_rouge_words(config, train_rows, held_out)
+    if dist.is_main:
+        log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
+    check_model_runs(policy, tokenizer, dist.device)
+
+
+def check_model_runs(policy, tokenizer, device) -> None:
+    """Two tiny samples and their scoring pass at the start (random state kept), so that an architecture which loads
+    but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run."""
+    encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
+            sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
+                                              with_logprobs=False)
+            GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1], 2)
+    except Exception as error:
+        raise UserError(f"{policy.config.model_type} models load but cannot run this script's sampler and scoring "
+                        f"pass ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); use "
+                        "another encoder-decoder (BART, T5, Pegasus, ...)") from None
+
+
+def early_model_config(config: Config):
+    """The model's config (config.json only), to check flags against before any data or weights load; None when it
+    cannot be read here (load_policy_and_tokenizer then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(config.model_name),
+                                          trust_remote_code=config.trust_remote_code)
+    except Exception:
+        return None
+
+
+def checked_against_model(config: Config, given: set[str]) -> Config:
+    """The config with its lengths fitted to the model (fit_lengths), checked before anything is written."""
+    model_config = early_model_config(config)
+    return config if model_config is None else fit_lengths(config, model_config, given)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1644,7 +1906,7 @@ def load_data(config: Config, log) -> tuple["datasets.Dataset", "datasets.Datase
             count = min(config.eval_samples, len(train) // 10 or 1)
             split = train.train_test_split(test_size=count, seed=config.seed)
             train, held_out = split["train"], split["test"]
-            log(f"no --validation_file: holding out {count} training rows for evaluation")
+            log(f"no --validation_file: holding out {count} training row{'s' if count != 1 else ''} for evaluation")
     else:
         try:
             hub = datasets.load_dataset(config.dataset_name, config.dataset_config)
@@ -1778,9 +2040,15 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     Appends one line to eval.jsonl and writes every article (index, reference, prediction, scores) to
     eval_predictions.jsonl, which it never overwrites.
     """
-    if config.eval_decoding == "checkpoint" and "max_new_tokens" in given:
+    config = eval_only_target(config, given)
+    if config.eval_decoding == "checkpoint" and "max_new_tokens" in given and checkpoint_sets_length(config):
         raise ConfigError("--max_new_tokens sets the length of greedy decoding; with --eval_decoding=checkpoint the "
                           "model's generation_config sets it (max_length): drop --max_new_tokens")
+    unread = sorted(given - EVAL_ONLY_FIELDS)
+    if unread:
+        note(f"note: --eval_only=True does not read {', '.join(f'--{name}' for name in unread)} (training flags)")
+    config = checked_against_model(config, given)
+    check_trained_prefix(config)
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
     if os.path.exists(predictions_path) and not config.overwrite_output_dir:
         raise ConfigError(f"{predictions_path} exists from an earlier evaluation or run; pass another --output_dir, "
@@ -1799,7 +2067,10 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # only a checkpoint whose generation_config samples draws random numbers
     held_out = load_eval_split(config, given, log)
+    check_rouge_words(config, held_out)
     policy, tokenizer = load_policy_and_tokenizer(config, dist.device)
+    if dist.is_main:
+        log_lengths(config, tokenizer, log, {config.eval_split: held_out})
     policy.eval()
     settings = evaluation_settings(policy, tokenizer, config)
     data = (config.validation_file if config.eval_split == "validation" else config.test_file) or \
@@ -1807,12 +2078,15 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     log(f"eval-only: {config.model_name} on {len(held_out)} articles of {data} ({config.eval_split}), "
         f"{config.eval_decoding} decoding")
     metrics, _, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
+    warn_empty_summaries(metrics, len(per_article), log)
     generation = {key: getattr(settings, key, None) for key in (
         "num_beams", "do_sample", "length_penalty", "no_repeat_ngram_size", "min_length", "max_length",
         "max_new_tokens", "early_stopping", "forced_bos_token_id", "forced_eos_token_id")}
     record = dict(model=config.model_name, data=data, eval_split=config.eval_split, articles=len(per_article),
                   max_source_length=config.max_source_length, eval_decoding=config.eval_decoding,
-                  generation=generation, sentence_splitter=sentence_splitter(), seed=config.seed, **metrics)
+                  generation=generation, sentence_splitter=sentence_splitter(), rouge_tokenizer=config.rouge_tokenizer,
+                  source_prefix=config.source_prefix,
+                  seed=config.seed, **metrics)
     if dist.is_main:
         write_jsonl_atomic(predictions_path, per_article)
         append_jsonl(os.path.join(config.output_dir, "eval.jsonl"), record)
@@ -1820,6 +2094,88 @@ def evaluate_only(config: Config, given: set[str] = frozenset()) -> int:
     log(f"written: {config.output_dir}/eval.jsonl (scores, {CONFIDENCE_LEVEL:.0%} bootstrap CIs) and "
         f"{predictions_path} (every article)")
     return 0
+
+
+EVAL_ONLY_FIELDS = frozenset({  # the flags --eval_only=True reads; any other given flag gets a note
+    "model_name", "trust_remote_code", "dataset_name", "dataset_config", "validation_file", "test_file", "text_column",
+    "summary_column", "source_prefix", "max_source_length", "max_new_tokens", "rouge_tokenizer", "eval_samples",
+    "eval_split", "eval_decoding", "eval_only", "eval_batch_size", "output_dir", "seed", "device",
+    "overwrite_output_dir"})
+
+
+def eval_only_target(config: Config, given: set[str]) -> Config:
+    """--eval_only=True pointed at a training run's --output_dir (its run_config.json): score the run's best/ (else
+    final/) into output_dir/eval_<best|final>_<split>, not the base --model_name the training command names."""
+    saved_path = os.path.join(config.output_dir, RUN_CONFIG_FILE)
+    if not os.path.isfile(saved_path):
+        return config
+    with open(saved_path, encoding="utf-8") as file:
+        saved = json.load(file)
+    models = {name: os.path.join(config.output_dir, name) for name in ("best", "final")}
+    chosen = [name for name, path in models.items()
+              if os.path.realpath(os.path.expanduser(config.model_name)) == os.path.realpath(path)]
+    if not chosen and "model_name" in given and config.model_name != saved.get("model_name"):
+        raise ConfigError(f"--output_dir={config.output_dir} holds a training run of another model; to score "
+                          f"--model_name={config.model_name}, pass an --output_dir of its own")
+    chosen = chosen or [name for name, path in models.items() if os.path.isdir(path)]
+    if not chosen:
+        raise UserError(f"--output_dir={config.output_dir} holds a training run with no best/ or final/ model yet; "
+                        "let it finish (or continue it with --resume=True), then evaluate again")
+    which = chosen[0]
+    target = os.path.join(config.output_dir, f"eval_{which}_{config.eval_split}")
+    what = (f"the best held-out {saved.get('best_metric', 'score')} of training" if which == "best"
+            else "the end of training")
+    note(f"eval-only: --output_dir={config.output_dir} is a training run: scoring its {which}/ ({what}) into {target}")
+    return dataclasses.replace(config, model_name=models[which], output_dir=target)
+
+
+def checkpoint_sets_length(config: Config) -> bool:
+    """Whether the model's generation_config.json sets a length (max_length or max_new_tokens); True when it cannot
+    be read (a hub model offline), so that --max_new_tokens is accepted with --eval_decoding=checkpoint only where
+    it is the length used."""
+    from transformers import GenerationConfig
+
+    path = os.path.expanduser(config.model_name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "generation_config.json")):
+        return False
+    try:
+        settings = GenerationConfig.from_pretrained(path)
+    except Exception:
+        return True
+    return settings.max_length is not None or settings.max_new_tokens is not None
+
+
+def check_trained_prefix(config: Config) -> None:
+    """A one-line warning when the model was trained (by this script: run_config.json beside or above it) with
+    another --source_prefix than the one it is now scored with."""
+    model_dir = os.path.expanduser(config.model_name)
+    for path in (os.path.join(model_dir, RUN_CONFIG_FILE), os.path.join(os.path.dirname(model_dir.rstrip("/")),
+                                                                        RUN_CONFIG_FILE)):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                trained = json.load(file).get("source_prefix", "")
+            if trained != config.source_prefix:
+                note(f"warning: {config.model_name} was trained with --source_prefix={trained!r} ({path}) but is "
+                     f"scored with {config.source_prefix!r}: add --source_prefix={trained!r}")
+            return
+
+
+def special_token_summaries(model, tokenizer, output: torch.Tensor) -> list[bool]:
+    """For each generated row (N, T): whether it holds tokens but only special ones beyond the start, end, padding
+    and forced first token, so that its decoded summary is empty (e.g. a model that emits only <mask> or <unk>)."""
+    structural = {tokenizer.pad_token_id, tokenizer.eos_token_id, decoder_start_token_id(model),
+                  forced_bos_token_id(model)}
+    special = set(tokenizer.all_special_ids) - structural
+    return [bool(row) and all(token in special or token in structural for token in row)
+            and any(token in special for token in row) for row in output[:, 1:].tolist()]
+
+
+def warn_empty_summaries(metrics: dict, count: int, log) -> None:
+    """One warning line when some evaluated summaries are empty, saying how many were only special tokens."""
+    if metrics.get("empty_summaries"):
+        log(f"warning: {round(metrics['empty_summaries'] * count)} of {count} held-out summaries are empty "
+            f"({round(metrics['special_token_summaries'] * count)} made only of special tokens): ROUGE, gen_length "
+            "and the examples show nothing for them")
 
 
 def summary_entities(text: str) -> set[str]:
@@ -1838,7 +2194,8 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
     """Content and reward-hacking measures of summaries (words and punctuation are runs of \\w / of other
     non-space characters), each averaged over the summaries:
 
-      entity_recall        share of the reference's entities (summary_entities) found among the summary's words
+      entity_recall        share of the reference's entities (summary_entities) found among the summary's words,
+                           averaged over the summaries whose reference has entities (None if none has)
       invented_entities    share of the summary's entities whose word is not in the article: facts made up. Its
                            entities are its numbers and names: its own capitalised words inside a sentence, and
                            the words that the articles and references scored with it write capitalised inside a
@@ -1846,10 +2203,10 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
       invented_summaries   share of the summaries with at least one such invented entity
       repeated_trigrams    share of the summary's word 3-grams that already occurred earlier in it: loops
       punctuation_fraction share of the summary's tokens that are punctuation: " . . . ." padding costs no ROUGE
-      trailing_punctuation punctuation tokens after the last word, minus 1 (0 for a summary ending in one ".")
+      trailing_punctuation punctuation runs after the last word, minus 1 (0 for one ".", "..." or "%."; 3 for ". . . .")
       top_summary_share    share of all summaries equal to the most common one: collapse to a few strings
     """
-    totals = Counter()
+    totals, recalled = Counter(), []
     texts = (*articles, *references)  # proper names: capitalised inside a sentence, never written in lowercase
     lowercase = {w for text in texts for w in re.findall(r"\w+", text) if w.islower()}
     names = {w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase
@@ -1857,20 +2214,22 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
         words = {w.lower() for w in re.findall(r"\w+", prediction)}
         wanted, made = summary_entities(reference), summary_entities(prediction) | (words & names)
         article_words = {w.lower() for w in re.findall(r"\w+", article)}
-        totals["entity_recall"] += len(wanted & words) / len(wanted) if wanted else 1.0
+        if wanted:  # a reference without entities leaves the summary out of the mean
+            recalled.append(len(wanted & words) / len(wanted))
         totals["invented_entities"] += len(made - article_words) / len(made) if made else 0.0
         totals["invented_summaries"] += bool(made - article_words)
         trigrams = list(zip(*(re.findall(r"\w+", prediction.lower())[i:] for i in range(3))))
         totals["repeated_trigrams"] += (len(trigrams) - len(set(trigrams))) / len(trigrams) if trigrams else 0.0
-        tokens = re.findall(r"\w+|[^\w\s]", prediction)
+        tokens = re.findall(r"\w+|[^\w\s]+", prediction)  # punctuation runs: "..." and "%." are one each
         punctuation = [not re.match(r"\w", t) for t in tokens]
         totals["punctuation_fraction"] += sum(punctuation) / len(tokens) if tokens else 0.0
         trailing = len(punctuation) - max((i + 1 for i, p in enumerate(punctuation) if not p), default=0)
         totals["trailing_punctuation"] += max(trailing - 1, 0)
     count = max(len(predictions), 1)
-    metrics = {key: totals[key] / count for key in ("entity_recall", "invented_entities", "invented_summaries",
+    metrics = {key: totals[key] / count for key in ("invented_entities", "invented_summaries",
                                                     "repeated_trigrams", "punctuation_fraction",
                                                     "trailing_punctuation")}
+    metrics = {"entity_recall": float(np.mean(recalled)) if recalled else None, **metrics}
     metrics["top_summary_share"] = Counter(predictions).most_common(1)[0][1] / count if predictions else 0.0
     return metrics
 
@@ -1878,6 +2237,7 @@ def summary_quality(predictions: list[str], references: list[str], articles: lis
 # --------------------------------------------------------------------------------------------------
 # Run files: output dir, saved config, checkpoints (atomic, the last few kept, exact resume), logs
 # --------------------------------------------------------------------------------------------------
+RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl")  # cut back to the checkpoint on resume
 RUN_CONFIG_FILE = "run_config.json"  # the resolved config of the run, in output_dir (checkpoints hold it too)
 # Flags a resumed run may change: they do not alter the training trajectory (every other field does, including
 # fields added later). max_steps may change too: the lr schedule is then defined over the new max_steps.
@@ -1927,14 +2287,14 @@ def prepare_output_dir(config: Config, log) -> None:
 def write_json_atomic(path: str, record: dict) -> None:
     """Write one JSON object to path.tmp, then rename it over path: a kill never leaves half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        json.dump(record, file, indent=1)
+        json.dump(record, file, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
 
 
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
     """Write records as JSON Lines to path.tmp, then rename it over path: a kill never leaves half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record) + "\n" for record in records)
+        file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     os.replace(path + ".tmp", path)
 
 
@@ -1953,7 +2313,9 @@ def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: Tr
     if len(held_out) == 0:
         return {}
     metrics, examples, per_article = evaluate(policy, tokenizer, held_out, config, dist.device, dist)
-    metrics.update(articles=len(per_article), eval_decoding=config.eval_decoding, sentence_splitter=sentence_splitter())
+    warn_empty_summaries(metrics, len(per_article), log)
+    metrics.update(articles=len(per_article), eval_decoding=config.eval_decoding, sentence_splitter=sentence_splitter(),
+                   rouge_tokenizer=config.rouge_tokenizer)
     predictions_path = os.path.join(config.output_dir, "eval_predictions.jsonl")
     if dist.is_main and step == config.max_steps and step > 0 and os.path.exists(predictions_path):
         with open(predictions_path, encoding="utf-8") as file:
@@ -1972,7 +2334,7 @@ def record_evaluation(config, dist, step, policy, tokenizer, held_out, state: Tr
         for example in examples:
             append_jsonl(os.path.join(config.output_dir, "eval_examples.jsonl"), {"step": step, **example})
         with open(predictions_path, "a", encoding="utf-8") as file:
-            file.writelines(json.dumps({"step": step, **record}) + "\n" for record in per_article)
+            file.writelines(json.dumps({"step": step, **record}, ensure_ascii=False) + "\n" for record in per_article)
         if metrics[config.best_metric] > state.best_score:
             save_pretrained_atomic(policy, tokenizer, os.path.join(config.output_dir, "best"))
     state.best_score = max(state.best_score, metrics[config.best_metric])
@@ -1987,6 +2349,10 @@ class TrainerState:
     nonfinite_in_a_row: int = 0  # consecutive steps skipped for a NaN/inf loss
     nonfinite_total: int = 0  # all steps skipped for a NaN/inf loss
     articles_truncated: int = 0  # training articles cut to max_source_length so far
+    evaluation_pending: bool = True  # the evaluation after `step` is still to do (step 0's; one a signal interrupted)
+    sft_step: int = 0  # a checkpoint saved during the SFT warm-up (sft_N.pt): the SFT steps done
+    sft_loss: float = 0.0  # and the loss of its last step
+    equal_rewards_in_a_row: int = 0  # consecutive steps where every group's G rewards were equal (no signal)
 
 
 def rng_state() -> dict:
@@ -1997,32 +2363,46 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, log=None) -> None:
+    """Restore rng_state()'s generators; of the CUDA ones, those of the visible devices (saying so if fewer)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = state["cuda"], torch.cuda.device_count()
+        if len(saved) > visible and log is not None:
+            log(f"note: the checkpoint holds the random state of {len(saved)} GPUs and {visible} are visible: restored "
+                f"those of the first {visible} (sampling on the others cannot be reproduced)")
+        torch.cuda.set_rng_state_all(saved[:visible])
 
 
 def checkpoint_files(output_dir: str) -> list[str]:
-    """Complete checkpoints in output_dir, oldest first (a .tmp left by a killed save is not one)."""
+    """Complete checkpoints in output_dir, oldest first: SFT's (sft_N.pt), then GRPO's (step_N.pt). A .tmp left by
+    a killed save is not one."""
     directory = os.path.join(output_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d+\.pt", n)) if os.path.isdir(directory) else []
-    return [os.path.join(directory, name) for name in names]
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = [n for n in names if re.fullmatch(r"(sft|step)_\d+\.pt", n)]
+    return [os.path.join(directory, name) for name in sorted(names, key=lambda n: (n.startswith("step_"), n))]
+
+
+def is_sft_checkpoint(path: str) -> bool:
+    """A checkpoint saved during the SFT warm-up (by a signal): sft_N.pt."""
+    return os.path.basename(path).startswith("sft_")
 
 
 def save_checkpoint(output_dir: str, policy, optimizer, scheduler, state: TrainerState, rng_states: list, keep: int,
-                    config: Config | None = None) -> str:
-    """Write checkpoints/step_N.pt atomically (temporary file, then rename) and keep the newest `keep`.
+                    config: Config | None = None, world_size: int = 1) -> str:
+    """Write checkpoints/step_N.pt (sft_N.pt during SFT: state.sft_step) atomically (temporary file, then rename)
+    and keep the newest `keep`.
 
-    The checkpoint also holds the run's resolved config, which --resume compares with the new flags."""
+    The checkpoint also holds the run's resolved config and process count, which --resume compares with the new."""
     directory = os.path.join(output_dir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{state.step:08d}.pt")
+    name = f"sft_{state.sft_step:08d}.pt" if state.sft_step else f"step_{state.step:08d}.pt"
+    path = os.path.join(directory, name)
     payload = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "trainer_state": dataclasses.asdict(state), "rng_states": rng_states,
-               "config": dataclasses.asdict(config) if config is not None else None}
+               "config": dataclasses.asdict(config) if config is not None else None, "world_size": world_size}
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
     stale_temporary = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".pt.tmp")]
@@ -2043,7 +2423,7 @@ def check_state_dict_fits(saved: dict, model: torch.nn.Module, path: str) -> Non
                         "--model_name that wrote it, or start afresh with --overwrite_output_dir=True")
 
 
-def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> TrainerState:
+def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int, log=None) -> TrainerState:
     """Restore model, optimizer, scheduler, trainer state and this process's random generators."""
     payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG tuples
     check_state_dict_fits(payload["model"], policy, path)
@@ -2051,15 +2431,50 @@ def load_checkpoint(path: str, policy, optimizer, scheduler, rank: int) -> Train
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     rng_states = payload["rng_states"]
-    set_rng_state(rng_states[rank % len(rng_states)])
-    return TrainerState(**payload["trainer_state"])
+    set_rng_state(rng_states[rank % len(rng_states)], log)
+    return TrainerState(**{"evaluation_pending": False, **payload["trainer_state"]})  # older files: nothing pending
+
+
+def load_sft_checkpoint(path: str, policy, optimizer, scheduler, config: Config, dist: "Distributed", log
+                        ) -> TrainerState:
+    """Go on with SFT from a checkpoint saved during it: weights, SFT optimizer and schedule, random state. The logs
+    lose what a run killed after it wrote: sft_eval.jsonl's later SFT steps, and every GRPO line (GRPO starts anew)."""
+    state = load_checkpoint(path, policy, optimizer, scheduler, dist.rank, log)
+    if dist.is_main:  # a pending evaluation is done again: its line, if a killed run wrote it, goes too
+        keep_lines_up_to(os.path.join(config.output_dir, "sft_eval.jsonl"), state.sft_step - state.evaluation_pending,
+                         key="sft_step")
+        for name in RUN_LOGS:
+            keep_lines_up_to(os.path.join(config.output_dir, name), -1)
+    log(f"resumed from {path} at SFT step {state.sft_step}")
+    return state
+
+
+def finished_sft_step(step: int, loss: float, evaluation_due: bool, policy, optimizer, scheduler, config: Config,
+                      dist: "Distributed") -> None:
+    """SFT step `step` is finished (its evaluation follows if evaluation_due): a boundary (stop_point), and until the
+    next one a signal saves checkpoints/sft_N.pt: weights, SFT optimizer and schedule, the random state of this
+    moment. Every save_every SFT steps it is saved anyway, like GRPO's (a SIGKILL then loses at most save_every
+    steps). The last SFT step is no boundary (GRPO's first one follows soon, with its own checkpoint)."""
+    def save(rng: dict) -> str:
+        state = TrainerState(sft_step=step, sft_loss=loss, evaluation_pending=evaluation_due)
+        rng_states = dist.gather_in_order([(dist.rank, rng)])
+        if dist.is_main:
+            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints,
+                            config, dist.world_size)
+        return f"SFT step {step}"
+
+    mark_finished(save)
+    if step < config.sft_steps:
+        if step % config.save_every == 0 and StopRequest.active is not None:  # train's SFT, not the demo's control
+            save(rng_state())
+        stop_point()
 
 
 def read_saved_config(checkpoint: str, output_dir: str) -> dict | None:
     """The resolved config a run was started with: from its newest checkpoint, else run_config.json (None if neither)."""
     payload = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)  # mmap: tensors stay on disk
-    if payload.get("config") is not None:
-        return payload["config"]
+    if payload.get("config") is not None:  # with the process count (world_size), where the checkpoint has it
+        return {**payload["config"], **({"world_size": payload["world_size"]} if "world_size" in payload else {})}
     path = os.path.join(output_dir, RUN_CONFIG_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as file:
@@ -2088,12 +2503,15 @@ def changed_on_resume(saved: dict, config: Config, bookkeeping_fields: frozenset
     return trajectory, bookkeeping
 
 
-def check_resume_config(saved: dict | None, config: Config, log) -> None:
-    """Stop a resume whose flags would change the training trajectory; allow bookkeeping changes and say so."""
+def check_resume_config(saved: dict | None, config: Config, log, world_size: int = 1) -> None:
+    """Stop a resume whose flags (or process count: each process takes its own batch) would change the training
+    trajectory; allow bookkeeping changes and say so."""
     if saved is None:
         log("note: this run saved no config (an older version wrote it), so the flags cannot be compared")
         return
     trajectory, bookkeeping = changed_on_resume(saved, config)
+    if saved.get("world_size", world_size) != world_size:
+        trajectory.append(f"processes (torchrun --nproc_per_node, all nodes): {saved['world_size']} -> {world_size}")
     if trajectory:
         raise ConfigError(f"--resume=True with flags that change the run: {'; '.join(trajectory)}; resume with the "
                           "run's own values (see run_config.json), or start a new run in another --output_dir")
@@ -2135,7 +2553,7 @@ def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
     os.replace(temporary, directory)
 
 
-def keep_lines_up_to(path: str, step: int) -> None:
+def keep_lines_up_to(path: str, step: int, key: str = "step") -> None:
     """Drop the lines of a .jsonl log written after `step` (by a run that died before its next checkpoint)."""
     if not os.path.exists(path):
         return
@@ -2146,8 +2564,8 @@ def keep_lines_up_to(path: str, step: int) -> None:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line torn by the kill
                 continue
-            if record["step"] <= step:
-                kept.append(json.dumps(record) + "\n")
+            if record[key] <= step:
+                kept.append(json.dumps(record, ensure_ascii=False) + "\n")
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         file.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -2155,7 +2573,7 @@ def keep_lines_up_to(path: str, step: int) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")  # UTF-8 text, not \u escapes
 
 
 class Trackers:
@@ -2372,24 +2790,56 @@ class PhaseTimer:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what SLURM and other schedulers send before pre-empting a job) asks the loop to
-    finish the current step, save a checkpoint and exit with 128 + the signal number; a second signal aborts."""
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, torchrun and other schedulers send before stopping a job) asks the run
+    to stop at the next boundary (stop_point: between SFT steps, between a step's phases, between micro-batches of the
+    update before its optimizer step, between evaluation batches), save the last finished step with the random state
+    it left, and exit with 128 + the signal number, within seconds (torchrun kills its workers 30 s after a SIGTERM
+    by default). The unfinished step is dropped; a resumed run does it again, exactly. A second signal aborts.
+    train installs it before anything else (the SFT warm-up included); stop_point is a no-op without one."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)  # handled signals
+    active: "StopRequest | None" = None  # the one stop_point consults
 
-    def __init__(self, log):
-        self.requested, self.signal_number, self.log = False, 0, log
+    def __init__(self, log, dist: "Distributed | None" = None):
+        self.requested, self.signal_number, self.log, self.dist = False, 0, log, dist or Distributed()
+        self.finished = None  # (random state, save): the last finished step, and how to checkpoint it (mark_finished)
         self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        StopRequest.active = self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signal_number = True, signum
-        self.log(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to abort)")
+        self.log(f"{signal.Signals(signum).name}: stopping at the next boundary and saving the last finished step "
+                 "(again to abort)")
 
     def restore(self):
         for number, previous in self.previous.items():
             signal.signal(number, previous)
+        if StopRequest.active is self:
+            StopRequest.active = None
+
+
+class Stopped(Exception):
+    """Raised by stop_point on every process after it saved the last finished step (the message names it)."""
+
+
+def mark_finished(save: typing.Callable[[dict], str]) -> None:
+    """A step is finished: until the next one is, a signal calls save(the random state of this moment), which writes
+    the checkpoint (on every process: it may gather) and returns what it saved ("step 3")."""
+    if StopRequest.active is not None:
+        StopRequest.active.finished = (rng_state(), save)
+
+
+def stop_point() -> None:
+    """A boundary where a run may stop: if Ctrl-C or SIGTERM reached any process, save the last finished step and
+    raise Stopped. Every process passes the same boundaries, and they agree here (a one-number all_reduce), so none
+    waits in a collective alone. A no-op outside train (benchmark, tests, the demo's control)."""
+    stop = StopRequest.active
+    if stop is None or not stop.dist.any(stop.requested):
+        return
+    rng, save = stop.finished
+    raise Stopped(save(rng))
 
 
 def tqdm_bar(total: int, description: str, disable: bool, initial: int = 0):
@@ -2411,8 +2861,8 @@ def have_punkt() -> bool:
         nltk.data.find("tokenizers/punkt_tab/english/")
         return True
     except (ImportError, LookupError):
-        print("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "
-              "(install it with: python -m nltk.downloader punkt_tab)", file=sys.stderr)
+        note("note: nltk punkt_tab is not installed, so ROUGE-Lsum splits sentences at . ! ? "  # rank 0 only
+             "(install it with: python -m nltk.downloader punkt_tab)")
         return False
 
 
@@ -2482,11 +2932,18 @@ def rouge_word(word: str) -> str:
     return token if tokenize.VALID_TOKEN_RE.match(token) else ""
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized)."""
+def rouge_tokens(text: str, tokenizer: str = "default") -> list[str]:
+    """rouge_score's tokenize(text, stemmer): lowercase, non-alphanumerics to spaces, stem (memoized). With
+    tokenizer="unicode" (--rouge_tokenizer): the lowercase letter/digit runs of any script, ASCII ones stemmed."""
     from rouge_score import tokenize
 
+    if tokenizer == "unicode":
+        return [token for token in (rouge_word(w) if w.isascii() else w for w in UNICODE_WORD_RE.findall(text.lower()))
+                if token]
     return [token for token in map(rouge_word, tokenize.NON_ALPHANUM_RE.sub(" ", text.lower()).split()) if token]
+
+
+UNICODE_WORD_RE = re.compile(r"[^\W_]+")  # --rouge_tokenizer=unicode: runs of letters and digits of any script
 
 
 @dataclass
@@ -2502,9 +2959,9 @@ class RougeText:
     sentence_tokens: Counter
 
     @classmethod
-    def of(cls, text: str) -> "RougeText":
-        tokens = rouge_tokens(text)
-        sentences = [rouge_tokens(sentence) for sentence in split_sentences(text)]
+    def of(cls, text: str, tokenizer: str = "default") -> "RougeText":
+        tokens = rouge_tokens(text, tokenizer)
+        sentences = [rouge_tokens(sentence, tokenizer) for sentence in split_sentences(text)]
         sentences = [sentence for sentence in sentences if sentence]
         return cls(tokens, position_masks(tokens), Counter(tokens), Counter(zip(tokens, tokens[1:])), sentences,
                    [position_masks(sentence) for sentence in sentences], Counter(t for s in sentences for t in s))
@@ -2576,7 +3033,7 @@ def rouge_pair(prediction: RougeText, reference: RougeText) -> dict[str, float]:
     return scores
 
 
-def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+def rouge_f1(predictions: list[str], references: list[str], tokenizer: str = "default") -> dict[str, list[float]]:
     """ROUGE-1/2/L/Lsum F1 (stemmed) of each prediction against its reference: rouge_score's numbers, faster.
 
     Every distinct text is tokenized, stemmed and split into sentences once per call, so a reference shared by
@@ -2587,7 +3044,7 @@ def rouge_f1(predictions: list[str], references: list[str]) -> dict[str, list[fl
     analyzed: dict[str, RougeText] = {}
     for text in (*predictions, *references):
         if text not in analyzed:
-            analyzed[text] = RougeText.of(text)
+            analyzed[text] = RougeText.of(text, tokenizer)
     pairs = [rouge_pair(analyzed[p], analyzed[r]) for p, r in zip(predictions, references)]
     return {key: [pair[key] for pair in pairs] for key in ROUGE_KEYS}
 
@@ -2978,6 +3435,26 @@ def check_finished_demo_seed(output_dir: str, config: Config) -> None:
                       "--overwrite_output_dir=True instead of --resume=True")
 
 
+def files_to_open(config: Config) -> str:
+    """The last line of a run: the files a user should open."""
+    out = config.output_dir
+    if config.demo:
+        return (f"open: {out}/comparison.json (the table, curves and paired intervals), {out}/comparison.png (the "
+                f"curves), {out}/eval_examples.jsonl (summaries before and after GRPO)")
+    if config.max_steps == 0:
+        return f"open: {out}/final (the model){f', {out}/eval.jsonl (held-out scores)' if config.eval_samples else ''}"
+    held_out = f"{out}/eval.jsonl (held-out scores), {out}/best (the best model so far), " if config.eval_samples else ""
+    return (f"open: {out}/curves.png (reward, KL, held-out ROUGE), {held_out}{out}/metrics.jsonl (every step), "
+            f"{out}/final (the model)")
+
+
+def finished_demo(config: Config, given: set[str]) -> int:
+    """--demo --resume=True on a finished demo: check it was run with these flags, name its files, exit 0."""
+    check_finished_demo_seed(config.output_dir, pointed_at_demo_files(config, given))
+    note(f"the demo in {config.output_dir} is finished; nothing to resume. {files_to_open(config)}")
+    return 0
+
+
 def run_demo_seeds(config: Config, given: set[str]) -> int:
     """--demo --demo_seeds=n: the demo for seeds seed..seed+n-1, each in output_dir/seed_N; then the table of
     means and spreads over seeds, also written to output_dir/comparison_seeds.json."""
@@ -3022,6 +3499,7 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
             f"{name.replace('_minus_', ' - ')} {r[name]['rougeL_change']:+.4f} "
             f"[{r[name]['rougeL_change_ci_low']:+.4f}, {r[name]['rougeL_change_ci_high']:+.4f}]"
             for name in ("grpo_minus_control", "control_minus_start")))
+    note(f"open: {summary_file} (the table over seeds), {config.output_dir}/seed_N/comparison.png (each seed's curves)")
     return 0
 
 
@@ -3315,6 +3793,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
         json.dump(result, file, indent=1)
     for key, value in result.items():
         print(f"{key:<30}{value:>14.4f}" if isinstance(value, float) else f"{key:<30}{value!s:>14}")
+    note(f"open: {config.output_dir}/benchmark.json (these numbers)")
     return 0
 
 
@@ -3328,6 +3807,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, given = parse_args(argv)
+        go_offline_if_hub_unreachable(config)
         validate_config(config, given)
         if config.eval_only:
             return evaluate_only(config, given)
@@ -3337,7 +3817,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmark(*start_process(config, given))
         if config.estimate_memory:
             return estimate_memory(config)
-        return train(config, given)
+        if config.demo and config.resume and os.path.exists(os.path.join(config.output_dir, "comparison.json")):
+            return finished_demo(config, given)
+        code = train(config if config.demo else checked_against_model(config, given), given)
+        if torch.distributed.is_initialized():  # no process tears the group down while another works (gloo aborts)
+            torch.distributed.barrier()
+        return code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -1,4 +1,9 @@
-"""Shared fixtures for the integration tests of grpo_encoder_decoder_summarization.py.
+"""Shared fixtures and helpers of the tests of grpo_encoder_decoder_summarization.py.
+
+The test files follow the script's sections: test_math (advantages, masks, log-probs, the loss), test_sampler,
+test_update (grpo_update / grpo_step, SFT, LoRA), test_reward (ROUGE, custom rewards, sentence splitting),
+test_flags (parse_args, --help, validate_config, one error line per bad input), test_runs (whole runs, checkpoints,
+resume, signals, output dirs, data files), test_evaluation, test_demo, test_distributed (torchrun) and test_cuda.
 
 Everything is built offline from configs (no downloads): a tiny T5 with the byte-level ByT5 tokenizer, a tiny
 BART with a word-level tokenizer trained on the script's own synthetic corpus, and small .jsonl splits.
@@ -7,6 +12,7 @@ BART with a word-level tokenizer trained on the script's own synthetic corpus, a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,14 +45,20 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 120,
+# How long a child process may run before it counts as hung: a guard against hangs, never a speed requirement
+# (the CPU may be shared and slow; a healthy tiny run takes seconds).
+HANG_TIMEOUT = 900
+
+
+def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float = HANG_TIMEOUT,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the script in a fresh interpreter, offline, capturing stdout and stderr as text."""
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env or subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_torchrun(*args: str, script=SCRIPT, processes: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_torchrun(*args: str, script=SCRIPT, processes: int = 2,
+                 timeout: float = HANG_TIMEOUT) -> subprocess.CompletedProcess:
     """`torchrun --standalone` of the script (or another file) with `processes` CPU processes (gloo), offline."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(script), *map(str, args)]
@@ -152,3 +164,102 @@ def data_files(tmp_path_factory, grpo) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("data")
     train, validation = grpo.write_demo_splits(str(directory), num_train=40, num_eval=8, seed=0)
     return Path(train), Path(validation)
+
+
+# The small flags of a tiny run: 2 articles x 4 samples per step, 8 new tokens.
+TINY = ("--batch_size=2", "--group_size=4", "--micro_batch_size=8", "--max_new_tokens=8", "--max_source_length=64",
+        "--eval_samples=4", "--device=cpu")
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (LoRA)")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def one_error(result, exit_code: int) -> str:
+    """The single error line of a run that must stop with exit_code and no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and result.returncode == exit_code, f"exit {result.returncode}\n{result.stderr}"
+    return errors[0]
+
+
+def good_rows(data_files, count: int) -> list[dict]:
+    """The first `count` rows of the data_files fixture's train.jsonl."""
+    return read_jsonl(data_files[0])[:count]
+
+
+def build_in_process(grpo, model_dir, data_files, **overrides):
+    """What train() builds (grpo.build_run), in this process: config, device, policy, tokenizer, the reference model,
+    optimizer, scheduler, and the first step's batch."""
+    import tempfile
+
+    import torch
+
+    train_file, validation_file = data_files
+    settings = dict(model_name=str(model_dir), train_file=str(train_file), validation_file=str(validation_file),
+                    group_size=4, batch_size=3, micro_batch_size=12, num_iterations=2, max_new_tokens=8,
+                    max_source_length=64, eval_samples=4, device="cpu", learning_rate=1e-2,
+                    lr_scheduler="constant", warmup_steps=0, max_steps=1, seed=0,
+                    output_dir=tempfile.mkdtemp(prefix="grpo_in_process_"))
+    settings.update(overrides)
+    config = grpo.Config(**settings)
+    grpo.validate_config(config)
+    run = grpo.build_run(config, grpo.Distributed(device=torch.device("cpu")), log=lambda message: None)
+    assert len(run.train_rows) == 40 and len(run.held_out) == 4
+    rows = run.train_rows[grpo.batch_indices(0, config.batch_size, len(run.train_rows), config.seed)]
+    return (config, run.dist.device, run.policy, run.tokenizer, run.reference_forward.model, run.optimizer,
+            run.scheduler, rows)
+
+
+def tiny_policy_and_batch(grpo, model_dir, data_files, max_new_tokens: int):
+    """(config, policy in eval mode, tokenizer, a batch of 2 articles) for in-process rollouts, G = 4."""
+    import torch
+
+    rows = good_rows(data_files, 2)
+    batch = {"article": [r["article"] for r in rows], "highlights": [r["highlights"] for r in rows]}
+    config = grpo.Config(model_name=str(model_dir), group_size=4, batch_size=2, max_new_tokens=max_new_tokens,
+                         max_source_length=64, device="cpu")
+    policy, tokenizer = grpo.load_policy_and_tokenizer(config, torch.device("cpu"))
+    return config, policy.eval(), tokenizer, batch
+
+
+# Tiny random models built in memory (no tokenizer) for the sampler's tests: token ids are drawn directly.
+def tiny_bart(pad_token_id=1, eos_token_id=2, forced_bos=None, vocab_size=40, seed=0, init_std=0.5):
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=64, pad_token_id=pad_token_id, bos_token_id=0,
+                        eos_token_id=eos_token_id, decoder_start_token_id=eos_token_id, dropout=0.0, init_std=init_std)
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config).eval()
+    model.generation_config.forced_bos_token_id = forced_bos
+    model.generation_config.forced_eos_token_id = None
+    return model
+
+
+def tiny_t5(vocab_size=40, seed=0, initializer_factor=8.0):
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+                      initializer_factor=initializer_factor)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def articles(vocab_size=40, batch=3, length=9, seed=1):
+    """(input_ids, attention_mask) of `batch` random articles; article 1 ends in 3 padding tokens."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if batch > 1:
+        attention_mask[1, length - 3:] = 0  # one padded article
+        input_ids[1, length - 3:] = 1
+    return input_ids, attention_mask

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import check_ok, data_args, run_script
-from test_sampler import articles, tiny_bart, tiny_t5
+from conftest import articles, check_ok, data_args, run_script, tiny_bart, tiny_t5
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -48,7 +47,7 @@ def test_one_training_step_on_cuda_with_captured_sampler(tiny_bart_dir, data_fil
     result = run_script(f"--model_name={tiny_bart_dir}", *data_args(data_files), f"--output_dir={tmp_path}",
                         "--device=cuda", "--compile_sampler=True", "--max_steps=1", "--batch_size=2",
                         "--group_size=4", "--micro_batch_size=8", "--eval_samples=4", "--max_new_tokens=8",
-                        "--max_source_length=64", timeout=600)
+                        "--max_source_length=64")
     check_ok(result)
     metrics = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["step"] == 1 and metrics["completion_length"] > 0
@@ -56,7 +55,7 @@ def test_one_training_step_on_cuda_with_captured_sampler(tiny_bart_dir, data_fil
 
 def test_benchmark_reports_peak_gpu_memory(tmp_path):
     result = run_script("--benchmark", "--device=cuda", "--max_steps=1", "--batch_size=2", "--group_size=4",
-                        "--micro_batch_size=8", f"--output_dir={tmp_path}", timeout=600)
+                        "--micro_batch_size=8", f"--output_dir={tmp_path}")
     check_ok(result)
     numbers = json.loads((tmp_path / "benchmark.json").read_text())
     assert numbers["peak_gpu_memory_mib"] > 0

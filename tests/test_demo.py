@@ -1,8 +1,13 @@
-"""The offline demo and the benchmark, shortened: the same code path as the full runs, fewer steps."""
+"""The offline demo and the benchmark, shortened (the same code path as the full runs, fewer steps): the demo
+world, whose most likely phrasing is not the ROUGE-best one, the whole pipeline, and the comparison of start /
+control (more SFT) / GRPO over several seeds."""
 
 from __future__ import annotations
 
 import json
+
+import numpy as np
+import pytest
 
 from conftest import check_ok, read_jsonl, run_script
 
@@ -18,7 +23,7 @@ def untimed_metrics(output_dir) -> list[dict]:
 
 
 def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
-    first = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'a'}", timeout=300)
+    first = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'a'}")
     check_ok(first)
     output = tmp_path / "a"
     # the synthetic data goes through the local-file path, the tiny model through from_pretrained
@@ -44,7 +49,7 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
             assert isinstance(comparison[row][key], float), (row, key)
     assert first.stdout.count("example ") == 3 and "reference:" in first.stdout
 
-    second = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'b'}", timeout=300)
+    second = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'b'}")
     check_ok(second)
     assert read_jsonl(tmp_path / "b" / "eval.jsonl") == evaluations  # same seed, same numbers
     assert json.loads((tmp_path / "b" / "comparison.json").read_text()) == comparison  # the control's too
@@ -55,7 +60,7 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
 
 def test_benchmark_prints_and_writes_every_phase(tmp_path):
     result = run_script("--benchmark", "--max_steps=1", "--batch_size=2", "--group_size=4", "--micro_batch_size=8",
-                        "--max_new_tokens=6", "--eval_samples=4", f"--output_dir={tmp_path}", timeout=300)
+                        "--max_new_tokens=6", "--eval_samples=4", f"--output_dir={tmp_path}")
     check_ok(result)
     numbers = json.loads((tmp_path / "benchmark.json").read_text())
     for key in ("steps_per_second", "articles_per_second", "generated_tokens_per_second", "share_generate",
@@ -83,3 +88,100 @@ def test_demo_files_follow_the_seed_and_are_kept_on_resume(grpo, tmp_path):
     assert seed_0 != seed_1
     assert train_text(seed=0, resume=True) == seed_1  # resuming the seed-1 run keeps its data
     assert train_text(seed=0, resume=False) == seed_0  # and the same seed gives the same data again
+
+
+# --------------------------------------------------------------------------------------------------
+# the demo world: maximum likelihood's most likely phrasing is not the ROUGE-best one
+# --------------------------------------------------------------------------------------------------
+def test_demo_world_most_frequent_phrasing_is_not_the_rouge_best(grpo, monkeypatch):
+    def corpus(weights):
+        monkeypatch.setattr(grpo, "DEMO_PHRASING_WEIGHTS", weights)
+        return [row["highlights"] for row in grpo.make_synthetic_corpus(120, seed=3)]
+
+    weights = grpo.DEMO_PHRASING_WEIGHTS
+    assert weights[0] == max(weights) and weights[0] < sum(weights[1:])  # the mode, yet a minority
+    references = corpus(weights)
+    vague, factual = corpus((1, 0, 0, 0)), corpus((0, 1, 0, 0))  # same articles (same draws), phrasing forced
+    rouge_vague = np.mean(grpo.rouge_f1(vague, references)["rougeL"])
+    rouge_factual = np.mean(grpo.rouge_f1(factual, references)["rougeL"])
+    assert rouge_factual > rouge_vague + 0.05
+
+
+# --------------------------------------------------------------------------------------------------
+# the comparison over seeds, shortened (no score thresholds); what --resume may read back
+# --------------------------------------------------------------------------------------------------
+SHORT = ["--demo", "--sft_steps=6", "--sft_batch_size=4", "--max_steps=2", "--batch_size=2", "--group_size=4",
+         "--micro_batch_size=8", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--max_new_tokens=8"]
+
+
+def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_path):
+    flags = (*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--sft_eval_every=4", "--max_steps=4")
+    result = run_script(*flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = ("start", "control", "grpo")
+    for seed in (4, 5):
+        comparison = json.loads((tmp_path / f"seed_{seed}" / "comparison.json").read_text())
+        assert comparison["steps"] == 4 and comparison["seed"] == seed
+        for row in rows:
+            assert set(grpo.COMPARISON_KEYS) <= set(comparison[row]), row
+        evaluations = read_jsonl(tmp_path / f"seed_{seed}" / "eval.jsonl")  # start and grpo are the run's evaluations
+        assert comparison["start"]["rougeL"] == evaluations[0]["rougeL"]
+        assert comparison["grpo"]["rougeL"] == evaluations[-1]["rougeL"]
+        # the curves: SFT evaluated at step 4 of 6, then the start; control and GRPO every 2 of their 4 steps
+        sft_evaluations = read_jsonl(tmp_path / f"seed_{seed}" / "sft_eval.jsonl")
+        assert [r["sft_step"] for r in sft_evaluations] == [4]
+        curves = comparison["curves"]
+        assert [p["step"] for p in curves["sft"]] == [4, 6]
+        assert curves["sft"][0]["rougeL"] == sft_evaluations[0]["rougeL"]
+        assert curves["sft"][-1]["rougeL"] == comparison["start"]["rougeL"] == curves["control"][0]["rougeL"]
+        assert [p["step"] for p in curves["control"]] == [p["step"] for p in curves["grpo"]] == [0, 2, 4]
+        assert curves["control"][-1]["rougeL"] == comparison["control"]["rougeL"]
+        assert [p["rougeL"] for p in curves["grpo"]] == [e["rougeL"] for e in evaluations]
+        assert (tmp_path / f"seed_{seed}" / "comparison.png").stat().st_size > 0
+        best_sft = max(p["rougeL"] for p in curves["sft"] + curves["control"])
+        assert comparison["best_sft_rougeL"] == best_sft >= comparison["control"]["rougeL"]
+        assert comparison["grpo_minus_best_sft_rougeL"] == pytest.approx(comparison["grpo"]["rougeL"] - best_sft)
+        control_predictions = read_jsonl(tmp_path / f"seed_{seed}" / "control_predictions.jsonl")  # to audit it
+        assert np.mean([r["rougeL"] for r in control_predictions]) == pytest.approx(comparison["control"]["rougeL"])
+        for name, before, after in [("grpo_minus_control", "control", "grpo"), ("grpo_minus_start", "start", "grpo"),
+                                    ("control_minus_start", "start", "control")]:  # paired: mean of the differences
+            change = comparison[name]
+            assert change["rougeL_change"] == pytest.approx(comparison[after]["rougeL"] - comparison[before]["rougeL"])
+            assert change["rougeL_change_ci_low"] <= change["rougeL_change"] <= change["rougeL_change_ci_high"]
+    summary = json.loads((tmp_path / "comparison_seeds.json").read_text())
+    assert summary["seeds"] == [4, 5]
+    for row in rows:
+        values = summary[row]["rougeL"]["values"]
+        assert len(values) == 2 and summary[row]["rougeL"]["mean"] == pytest.approx(np.mean(values))
+    assert "rougeL grpo - control" in result.stdout and "+-" in result.stdout
+    assert result.stdout.count("entity_recall") == 3  # the table of each seed and the table over seeds
+    assert [f"seed {seed}: rougeL, paired 95% CI: grpo - control" in result.stdout for seed in (4, 5)] == [True, True]
+    assert len(summary["control_minus_start"]) == 2 and "rougeL_change_ci_high" in summary["control_minus_start"][1]
+    assert len(summary["grpo_minus_best_sft_rougeL"]) == 2 and "rougeL grpo - best SFT" in result.stdout
+    assert len(summary["grpo_minus_control"]) == 2 and "rougeL_change_ci_low" in summary["grpo_minus_control"][0]
+
+    # --resume=True (what a stopped run prints): finished seeds are read back, not trained again
+    (tmp_path / "seed_5" / "comparison.json").unlink()  # as if stopped after seed 5's GRPO steps, before its report
+    resumed = run_script(*flags, "--resume=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
+    assert json.loads((tmp_path / "comparison_seeds.json").read_text())["grpo"] == summary["grpo"]
+
+    # a finished seed is read back only if it ran with the same flags and this script wrote its report
+    changed = run_script(*flags, "--resume=True", "--temperature=0.9")
+    lines = changed.stderr.strip().splitlines()
+    assert changed.returncode == 2 and "seed_4" in lines[-1] and "--temperature: 0.7 -> 0.9" in lines[-1], lines
+    longer = run_script(*flags, "--resume=True", "--max_steps=5")  # N of the comparison: not mixed
+    assert longer.returncode == 2 and "--max_steps: 4 -> 5" in longer.stderr.strip().splitlines()[-1]
+    older = json.loads((tmp_path / "seed_4" / "comparison.json").read_text())
+    del older["curves"], older["grpo"]["invented_summaries"]  # as an older version of the script wrote it
+    (tmp_path / "seed_4" / "comparison.json").write_text(json.dumps(older))
+    stale = run_script(*flags, "--resume=True")
+    lines = stale.stderr.strip().splitlines()
+    assert stale.returncode == 2 and "lacks curves, grpo.invented_summaries" in lines[-1], lines
+    assert "--overwrite_output_dir" in lines[-1]
+    # a fresh --demo_seeds run into the same folder would replace comparison_seeds.json: refused, nothing written
+    before = (tmp_path / "comparison_seeds.json").read_bytes()
+    fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}")
+    assert fresh.returncode == 2 and "comparison_seeds.json" in fresh.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "comparison_seeds.json").read_bytes() == before and not (tmp_path / "seed_6").exists()

@@ -1,4 +1,6 @@
-"""Unit tests of the GRPO math: advantages, completion masks, token log-probs, the loss and its micro-batching.
+"""The GRPO math (pure tensor functions): advantages and scale_rewards, completion masks, token log-probs and
+entropy, grpo_loss and its variants (dapo, dr_grpo, gspo, gspo_token, epsilon_high, the clip fractions) and
+micro_batch_weight.
 
 Expected numbers are worked out by hand in the tests (which branch of min/clip each token takes is decided
 here, not by re-running the script's formula).
@@ -42,6 +44,7 @@ def test_group_advantages_groups_are_contiguous():
                              -1 / (s2 + EPS), -1 / (s2 + EPS), -1 / (s2 + EPS), 3 / (s2 + EPS)], dtype=torch.float64)
     advantages = grpo.group_advantages(rewards, 4)
     assert advantages.shape == (8,)
+    assert torch.equal(grpo.group_advantages(rewards, 4, scale="group"), advantages)  # the default is "group"
     torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-12)
     # The same 8 rewards read as four groups of 2: [0,1] [2,5] [4,4] [4,8]; a pair (a, b) has deviations -/+ d with
     # d = |b-a|/2 and sample std |b-a|/sqrt(2), so A = -/+ d/(d*sqrt(2) + eps) with d = 0.5, 1.5, (equal: 0), 2.
@@ -50,7 +53,8 @@ def test_group_advantages_groups_are_contiguous():
     torch.testing.assert_close(pairs, torch.tensor([-a, a, -b, b, 0, 0, -c, c], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_group_advantages_scale_false_is_reward_minus_group_mean():
+def test_group_advantages_scale_none_is_reward_minus_group_mean():
+    """scale_rewards=none (Dr. GRPO): r - group mean, no division."""
     rewards = torch.tensor([1.0, 3.0, 10.0, 10.0], dtype=torch.float64)
     torch.testing.assert_close(grpo.group_advantages(rewards, 2, scale="none"),
                                torch.tensor([-1.0, 1.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=0)
@@ -363,3 +367,188 @@ def test_dr_grpo_divides_by_the_constant_max_completion_length():
     for loss_type in ("grpo", "dapo", "gspo"):
         with_length, _ = grpo.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.1, loss_type=loss_type, max_completion_length=10)
         assert with_length.item() == pytest.approx(EXPECTED_LOSS[loss_type], abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# scale_rewards = batch, and an unknown scale
+# --------------------------------------------------------------------------------------------------
+# Rewards [0, 1 | 2, 2], G = 2. Group means 0.5 and 2, so r - mean = [-0.5, 0.5, 0, 0].
+#   batch: batch mean 1.25, sample std sqrt(((-1.25)^2 + (-0.25)^2 + 0.75^2 + 0.75^2) / 3) = sqrt(2.75 / 3)
+#          = 0.957427                         -> [-0.5, 0.5, 0, 0] / (0.957427 + eps)
+# (group and none: the group_advantages hand cases above)
+REWARDS = [0.0, 1.0, 2.0, 2.0]
+
+
+def test_scale_rewards_batch_hand_computed(grpo):
+    a = 0.5 / (math.sqrt(2.75 / 3) + EPS)
+    torch.testing.assert_close(grpo.group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 2, scale="batch"),
+                               torch.tensor([-a, a, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_scale_rewards_batch_uses_the_given_std_of_all_processes(grpo):
+    """Under torchrun the batch std is of every process's rewards (batch_reward_std gathers them)."""
+    a = 0.5 / (2.0 + EPS)
+    result = grpo.group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 2, scale="batch",
+                                   batch_std=torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(result, torch.tensor([-a, a, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    # one process: batch_reward_std is the plain sample std
+    assert grpo.batch_reward_std(torch.tensor(REWARDS)).item() == pytest.approx(0.957427, abs=1e-6)
+
+
+def test_group_advantages_unknown_scale_raises():
+    with pytest.raises(ValueError):
+        grpo.group_advantages(torch.tensor(REWARDS), 2, scale="std")
+
+
+# --------------------------------------------------------------------------------------------------
+# token_entropy
+# --------------------------------------------------------------------------------------------------
+def test_token_entropy_uniform_is_log_v_and_matches_the_formula(grpo):
+    assert torch.allclose(grpo.token_entropy(torch.zeros(2, 3, 7)), torch.full((2, 3), math.log(7)))
+    # two tokens with p = [0.5, 0.5] and one certain token: H = log 2 and 0 (hand-computed)
+    logits = torch.tensor([[[0.0, 0.0], [0.0, -1e4]]], dtype=torch.float64)
+    torch.testing.assert_close(grpo.token_entropy(logits), torch.tensor([[math.log(2), 0.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    logits = torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(grpo.token_entropy(logits), -(p * p.log()).sum(-1), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# loss_type = gspo_token
+# --------------------------------------------------------------------------------------------------
+# N=2 sequences, T=2, every token real, beta=0, epsilon=0.2, A = [+1, +1].
+#   row 0: log-ratios [0.1, 0.1] -> s_0 = exp(0.1) = 1.10517, inside [0.8, 1.2]
+#   row 1: log-ratios [0.5, 0.3] -> s_1 = exp(0.4) = 1.49182 > 1.2 with A > 0: clipped to 1.2 (no gradient)
+# Every token's ratio has the value s_i, so the objective per token is s_0 (row 0) and 1.2 (row 1);
+#   loss = -(mean over rows of the token means) = -(s_0 + 1.2) / 2 = -1.152585
+# Gradient with respect to logp of a row-0 token: d/dlogp [ -(1/2) (1/2) (sg(s_0) e^(logp - sg(logp))) ] = -s_0 / 4;
+#   row 1 is clipped: 0. clip_fraction_high = 2 of 4 tokens, clip_fraction_low = 0.
+def gspo_hand_case():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    old = logp.detach() - torch.tensor([[0.1, 0.1], [0.5, 0.3]], dtype=torch.float64)
+    return logp, old, torch.tensor([1.0, 1.0], dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss_type", ["gspo_token", "gspo"])
+def test_gspo_token_hand_computed_value_and_gradient(grpo, loss_type):
+    logp, old, advantages, mask = gspo_hand_case()
+    loss, stats = grpo.grpo_loss(logp, old, logp.detach(), advantages, mask, epsilon=0.2, beta=0.0,
+                                 loss_type=loss_type)
+    loss.backward()
+    s0 = math.exp(0.1)
+    assert loss.item() == pytest.approx(-(s0 + 1.2) / 2, abs=1e-12)
+    assert -(s0 + 1.2) / 2 == pytest.approx(-1.152585, abs=1e-6)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0 / 4, -s0 / 4], [0.0, 0.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    assert stats["clip_fraction_high"].item() == 0.5 and stats["clip_fraction_low"].item() == 0.0
+    assert stats["clip_fraction"].item() == 0.5
+
+
+def test_gspo_token_ratio_is_the_sequence_ratio_on_every_token(grpo):
+    """The formula itself: token ratio = sg(s_i) * exp(logp - sg(logp)), value s_i, gradient s_i * dlogp.
+
+    With epsilon huge (nothing clipped), beta = 0 and A = 1 on a single real token per row, the loss is
+    -mean_i s_i, and the gradient on the real token of row i is -s_i / N while the masked tokens get none.
+    """
+    logp = torch.tensor([[-1.0, -4.0], [-2.0, -0.1]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.3, -1.0], [-1.5, -9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    loss, _ = grpo.grpo_loss(logp, old, logp.detach(), torch.ones(2, dtype=torch.float64), mask, epsilon=100.0,
+                             beta=0.0, loss_type="gspo_token")
+    loss.backward()
+    s = [math.exp(0.3), math.exp(-0.5)]  # row i's only real token: logp - old
+    assert loss.item() == pytest.approx(-(s[0] + s[1]) / 2, abs=1e-12)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s[0] / 2, 0.0], [-s[1] / 2, 0.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gspo_token_equals_gspo_in_value_and_gradient(grpo, seed):
+    """With one advantage per sequence and the same per-sequence token mean, GSPO-token's loss and gradient are
+    GSPO's: each token's ratio has the value s_i (same min/clip decision on every token of the sequence, so a
+    clipped sequence gives no gradient in both), and sum_t s_i dlogp_t / |y_i| is d s_i. This holds for every
+    input (random log-probs, padding, both clip sides, a KL term, epsilon_high), so gspo_token only differs
+    from gspo where TRL combines it with per-token advantages, which GRPO's sequence rewards do not have."""
+    generator = torch.Generator().manual_seed(seed)
+    N, T = 6, 5
+    logp = -torch.rand(N, T, generator=generator, dtype=torch.float64) * 3
+    # sequence log-ratios about [0.3, -0.3, 0, 0, -0.25, 0.25] (token noise +-0.06) with advantage signs
+    # [-, +, +, -, -, +]: row 0 clipped low, row 1 clipped high, rows 2-3 inside, rows 4-5 outside but unclipped
+    shift = torch.tensor([0.3, -0.3, 0.0, 0.0, -0.25, 0.25], dtype=torch.float64).unsqueeze(1)
+    old = logp + shift + (torch.rand(N, T, generator=generator, dtype=torch.float64) - 0.5) * 0.12
+    ref = logp + (torch.rand(N, T, generator=generator, dtype=torch.float64) - 0.5)
+    signs = torch.tensor([-1.0, 1.0, 1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    advantages = signs * (0.1 + torch.rand(N, generator=generator, dtype=torch.float64))
+    mask = (torch.rand(N, T, generator=generator) > 0.3).double()
+    mask[:, 0] = 1.0
+    results = {}
+    for loss_type in ("gspo", "gspo_token"):
+        leaf = logp.clone().requires_grad_(True)
+        loss, stats = grpo.grpo_loss(leaf, old, ref, advantages, mask, epsilon=0.1, beta=0.04, epsilon_high=0.15,
+                                     loss_type=loss_type)
+        loss.backward()
+        results[loss_type] = (loss.detach(), leaf.grad, {k: v.item() for k, v in stats.items()})
+    (loss_a, grad_a, stats_a), (loss_b, grad_b, stats_b) = results["gspo"], results["gspo_token"]
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-12)
+    assert stats_a == pytest.approx(stats_b, abs=1e-12)
+    assert stats_a["clip_fraction_low"] > 0 and stats_a["clip_fraction_high"] > 0 and stats_a["clip_fraction"] < 1
+
+
+def test_gspo_token_differs_from_grpo_when_token_ratios_differ(grpo):
+    """A check that the test above can fail: with unequal token log-ratios, grpo's token ratios differ from gspo_token's."""
+    logp, old, advantages, mask = gspo_hand_case()
+    losses = [grpo.grpo_loss(logp, old, logp.detach(), advantages, mask, 10.0, 0.0, loss_type=t)[0].item()
+              for t in ("grpo", "gspo_token")]
+    assert losses[0] != pytest.approx(losses[1], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# clip_fraction_low / clip_fraction_high
+# --------------------------------------------------------------------------------------------------
+# One row, 4 real tokens (and 1 padding token), epsilon = 0.2:
+#   A = +1 row: log-ratios [0.25, -0.5, 0.0, 0.22, (9 masked)]: ratio e^0.25 = 1.284 > 1.2 (high clip), e^-0.5 < 0.8
+#   but A > 0 (min keeps the unclipped term, not counted), e^0.22 = 1.246 > 1.2 (high clip) -> high 2/4, low 0.
+#   A = -1 row: log-ratios [-0.5, 0.5, -0.3, 0.0]: e^-0.5 = 0.607 and e^-0.3 = 0.741 < 0.8 with A < 0 (low clip),
+#   e^0.5 > 1.2 but A < 0 (not counted) -> low 2/4, high 0.
+# Both rows together (8 real tokens): low 2/8, high 2/8, clip_fraction 4/8.
+# With epsilon_high = 0.245: e^0.22 = 1.246 > 1.245 still clipped, e^0.25 = 1.284 too; with 0.3 neither is.
+def clip_case():
+    d = torch.tensor([[0.25, -0.5, 0.0, 0.22, 9.0], [-0.5, 0.5, -0.3, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1, 1, 1, 0], [1.0, 1, 1, 1, 0]], dtype=torch.float64)
+    logp = torch.full_like(d, -1.0)
+    return logp, logp - d, mask
+
+
+def test_clip_fraction_low_and_high_hand_computed(grpo):
+    logp, old, mask = clip_case()
+    _, stats = grpo.grpo_loss(logp, old, logp, torch.tensor([1.0, -1.0], dtype=torch.float64), mask, 0.2, 0.0)
+    assert stats["clip_fraction_low"].item() == pytest.approx(2 / 8, abs=1e-12)
+    assert stats["clip_fraction_high"].item() == pytest.approx(2 / 8, abs=1e-12)
+    assert stats["clip_fraction"].item() == pytest.approx(4 / 8, abs=1e-12)
+
+
+def test_epsilon_high_shows_in_clip_fraction_high_only(grpo):
+    logp, old, mask = clip_case()
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    for epsilon_high, high in ((0.245, 2 / 8), (0.3, 0.0)):
+        _, stats = grpo.grpo_loss(logp, old, logp, advantages, mask, 0.2, 0.0, epsilon_high=epsilon_high)
+        assert stats["clip_fraction_high"].item() == pytest.approx(high, abs=1e-12), epsilon_high
+        assert stats["clip_fraction_low"].item() == pytest.approx(2 / 8, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# micro_batch_weight under torchrun, and forced first tokens left out of the mask
+# --------------------------------------------------------------------------------------------------
+def test_micro_batch_weight_uses_the_token_count_of_all_processes(grpo):
+    micro, full = torch.ones(2, 5), torch.ones(4, 5)
+    assert grpo.micro_batch_weight("dapo", micro, full) == 0.5
+    assert grpo.micro_batch_weight("dapo", micro, full, world_token_count=40, world_size=2) == 10 * 2 / 40
+    assert grpo.micro_batch_weight("grpo", micro, full, world_token_count=40, world_size=2) == 0.5
+
+
+def test_exclude_forced_tokens(grpo):
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(grpo.exclude_forced_tokens(mask, None), mask)
+    assert grpo.exclude_forced_tokens(mask, 0).tolist() == [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]

@@ -1,10 +1,14 @@
 """The rollout sampler (sample_completions) and its pieces: top-p, inverse-CDF sampling, greedy == generate,
-the log-probs it used == the scoring path's, and the token frequencies == the softmax (chi-square)."""
+the log-probs it used == the scoring path's, the token frequencies == the softmax (chi-square), the static-cache
+sampler == the dynamic one, scoring with cross-attention shared by an article's G samples == per sample, and the
+checkpoint's generation defaults kept out of the rollout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from conftest import articles, needs_peft, tiny_bart, tiny_policy_and_batch, tiny_t5
 
 CHI_SQUARE_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # 0.999 quantile by dof
 
@@ -12,40 +16,6 @@ CHI_SQUARE_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.4
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())
-
-
-def tiny_bart(pad_token_id=1, eos_token_id=2, forced_bos=None, vocab_size=40, seed=0, init_std=0.5):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    config = BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=64, pad_token_id=pad_token_id, bos_token_id=0,
-                        eos_token_id=eos_token_id, decoder_start_token_id=eos_token_id, dropout=0.0, init_std=init_std)
-    torch.manual_seed(seed)
-    model = BartForConditionalGeneration(config).eval()
-    model.generation_config.forced_bos_token_id = forced_bos
-    model.generation_config.forced_eos_token_id = None
-    return model
-
-
-def tiny_t5(vocab_size=40, seed=0, initializer_factor=8.0):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
-                      initializer_factor=initializer_factor)
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval()
-
-
-def articles(vocab_size=40, batch=3, length=9, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab_size, (batch, length), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    if batch > 1:
-        attention_mask[1, length - 3:] = 0  # one padded article
-        input_ids[1, length - 3:] = 1
-    return input_ids, attention_mask
 
 
 MODELS = {
@@ -154,27 +124,6 @@ def test_sampled_logprobs_equal_scoring_path(grpo, name):
     assert len(set(map(tuple, completion_ids.tolist()))) > 3, "the samples of some article should differ"
 
 
-# ---- fused AdamW ----------------------------------------------------------------------------------------------
-def test_fused_adamw_matches_default_adamw(grpo):
-    device = torch.device("cpu")
-    assert grpo.fused_adamw(device)
-    torch.manual_seed(0)
-    start = [torch.randn(7, 5), torch.randn(5)]
-    gradients = [[torch.randn_like(p) for p in start] for _ in range(3)]
-    results = []
-    for fused in (False, True):
-        parameters = [torch.nn.Parameter(p.clone()) for p in start]
-        optimizer = torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.1, fused=fused)
-        for step_gradients in gradients:
-            for p, g in zip(parameters, step_gradients):
-                p.grad = g.clone()
-            optimizer.step()
-        results.append(parameters)
-    for plain, fused in zip(*results):
-        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
-        assert not torch.equal(fused, start[0] if fused.dim() == 2 else start[1])
-
-
 # ---- scoring with cross-attention keys/values shared by the G samples of an article ---------------------------
 def tiny_pegasus(vocab_size=40, seed=0):
     from transformers import PegasusConfig, PegasusForConditionalGeneration
@@ -190,8 +139,8 @@ def tiny_pegasus(vocab_size=40, seed=0):
 SCORING_MODELS = {"bart": lambda: tiny_bart(), "t5": lambda: tiny_t5(initializer_factor=1.0), "pegasus": lambda: tiny_pegasus()}
 
 
-def todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, group_size):
-    """GroupedSeq2Seq before the shared cross-attention: the encoder once, its output repeated to the G samples,
+def per_sample_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, group_size):
+    """The plain path the shared cross-attention replaced: the encoder once, its output repeated to the G samples,
     so every sample projects the cross-attention keys/values itself."""
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -202,8 +151,8 @@ def todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 
 
 
 @pytest.mark.parametrize("name", list(SCORING_MODELS))
-def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
-    """GroupedSeq2Seq (cross-attention K/V once per article) vs today's path: logits to 1e-5 in float32, and every
+def test_shared_cross_attention_scoring_equals_per_sample_scoring(grpo, name):
+    """GroupedSeq2Seq (cross-attention K/V once per article) vs per sample: logits to 1e-5 in float32, and every
     parameter's gradient in float64 (where a different order of float sums cannot hide a real difference)."""
     G = 3
     input_ids, attention_mask = articles()
@@ -215,7 +164,7 @@ def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
     for dtype in (torch.float32, torch.float64):
         shared_model.to(dtype), plain_model.to(dtype)
         shared = grpo.GroupedSeq2Seq(shared_model)(input_ids, attention_mask, decoder_input_ids, G)
-        plain = todays_grouped_forward(plain_model, input_ids, attention_mask, decoder_input_ids, G)
+        plain = per_sample_grouped_forward(plain_model, input_ids, attention_mask, decoder_input_ids, G)
         torch.testing.assert_close(shared, plain, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
     weights = torch.randn_like(plain)  # an arbitrary loss touching every logit
     (shared * weights).sum().backward()
@@ -223,27 +172,6 @@ def test_shared_cross_attention_scoring_equals_todays_path(grpo, name):
     for (key, a), (_, b) in zip(shared_model.named_parameters(), plain_model.named_parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{key}: {m}")
-
-
-# ---- tokenizing each batch once --------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_dir", ["tiny_t5_dir", "tiny_bart_dir"])
-def test_tokenize_once_equals_tokenizer_truncation(grpo, model_dir, request):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model_dir))
-    rows = grpo.make_synthetic_corpus(6, seed=3)
-    articles = [row["article"] for row in rows]
-    articles[2] = " ".join(articles[2].split()[:3])  # a short one among long ones
-    for limit in (8, 30, 10_000):
-        config = grpo.Config(max_source_length=limit, source_prefix="summarize: ")
-        encoded, truncated = grpo.tokenize_articles(tokenizer, articles, config, torch.device("cpu"))
-        texts = [config.source_prefix + article for article in articles]
-        expected = tokenizer(texts, max_length=limit, truncation=True, padding=True, return_tensors="pt")
-        assert torch.equal(encoded["input_ids"], expected["input_ids"])
-        assert torch.equal(encoded["attention_mask"], expected["attention_mask"])
-        assert truncated == sum(len(ids) > limit for ids in tokenizer(texts)["input_ids"])
-        assert truncated >= 5 or limit > 8  # at 8 tokens the long articles (all but one) are cut
-    assert truncated == 0 and limit == 10_000
 
 
 # ---- the static-shape sampler (what --compile_sampler captures on CUDA) ----------------------------------------
@@ -265,17 +193,7 @@ def test_static_cache_sampler_equals_dynamic_cache_sampler(grpo, name):
     assert torch.equal(*greedy)
 
 
-def test_compile_sampler_without_cuda_is_one_clear_error(tmp_path):
-    from conftest import run_script
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: tests/test_cuda.py runs --compile_sampler")
-    result = run_script("--compile_sampler=True", f"--output_dir={tmp_path}")
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --compile_sampler captures CUDA graphs and needs a CUDA device; "
-                                     "drop it on this machine")
-
-
+@needs_peft
 def test_sampler_and_shared_scoring_work_through_a_peft_lora_model(grpo):
     """The policy may be a peft PeftModel (LoRA): the sampler and the scoring pass go through its wrapper."""
     from peft import LoraConfig, get_peft_model
@@ -291,7 +209,7 @@ def test_sampler_and_shared_scoring_work_through_a_peft_lora_model(grpo):
                                                 settings))
     decoder_input_ids = sequences.repeat_interleave(2, dim=0)
     shared = grpo.GroupedSeq2Seq(model)(input_ids, attention_mask, decoder_input_ids, 2)
-    plain = todays_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
+    plain = per_sample_grouped_forward(model, input_ids, attention_mask, decoder_input_ids, 2)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
 
 
@@ -304,3 +222,27 @@ def test_sampler_without_logprobs_draws_the_same_tokens(grpo):
         results.append(grpo.sample_completions(model, input_ids, attention_mask, 3, 10, 2, 1, 2.0, 0.95,
                                                with_logprobs=with_logprobs))
     assert torch.equal(results[0][0], results[1][0]) and results[1][1] is None
+
+
+# ---- the rollout samples from the plain softmax, whatever the checkpoint's generation_config says ----------------
+def test_sampling_ignores_the_checkpoints_generation_defaults(grpo, tiny_bart_dir, data_files):
+    """generation_settings promises that a checkpoint's own generation defaults cannot change the distribution
+    the rollout samples from (and then scores as if unconstrained). Give the policy generation defaults like
+    facebook/bart-large-cnn's (forced_bos_token_id aside, which the script keeps on purpose); with the same seed,
+    the samples must be those of the same weights with no generation defaults at all."""
+    from transformers import GenerationConfig
+
+    device = torch.device("cpu")
+    config, policy, tokenizer, batch = tiny_policy_and_batch(grpo, tiny_bart_dir, data_files, max_new_tokens=8)
+    ids = dict(decoder_start_token_id=policy.config.decoder_start_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    samples = {}
+    for name, defaults in {"bare": {}, "bart-large-cnn-like": dict(
+            min_length=56, no_repeat_ngram_size=3, forced_eos_token_id=tokenizer.eos_token_id, num_beams=4)}.items():
+        policy.generation_config = GenerationConfig(**ids, **defaults)
+        torch.manual_seed(0)
+        rollout, _ = grpo.rollout_step(policy, tokenizer, batch, config, device, grpo.PhaseTimer(device))
+        samples[name] = rollout.completion_ids
+    assert torch.equal(samples["bart-large-cnn-like"], samples["bare"]), (
+        "the checkpoint's generation_config changed the sampled summaries:\n"
+        f"without it:\n{samples['bare']}\nwith it:\n{samples['bart-large-cnn-like']}")

@@ -1,14 +1,17 @@
-"""The ROUGE reward against rouge_score itself, sentence splitting without punkt, and a silent import."""
+"""The reward: compute_rewards as the one place to plug in a reward (and its contract), the zero-std group count,
+the ROUGE reward against rouge_score itself, sentence splitting without punkt, the punkt_tab fetch, and a silent
+import."""
 
 import random
 import subprocess
 import sys
 
 import pytest
+import torch
 from rouge_score import rouge_scorer
 
 import grpo_encoder_decoder_summarization as grpo
-from conftest import ROOT
+from conftest import HANG_TIMEOUT, ROOT, build_in_process
 
 KEYS = grpo.ROUGE_KEYS
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
@@ -212,14 +215,15 @@ def test_rouge_rewards_and_f1_reject_mismatched_lengths():
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def no_punkt(monkeypatch):
-    """Make nltk behave as if punkt_tab were not installed (it is not installed here either)."""
+    """Make nltk behave as if punkt_tab were not installed (it may not be installed here either); yields nltk."""
     import nltk
 
     def missing(resource, *args, **kwargs):
         raise LookupError(f"Resource {resource} not found.")
 
     monkeypatch.setattr(nltk.data, "find", missing)
-    grpo.have_punkt.cache_clear()
+    grpo.have_punkt.cache_clear()  # fresh_punkt_cache clears it again afterwards
+    yield nltk
 
 
 def test_split_sentences_without_punkt(no_punkt):
@@ -248,7 +252,117 @@ def test_rouge_f1_without_punkt_matches_rouge_score(no_punkt):
 
 def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import grpo_encoder_decoder_summarization"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert result.stderr == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# ensure_punkt: fetched once when missing and allowed, never when offline, never waited for long
+# --------------------------------------------------------------------------------------------------
+def allow_network(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_ensure_punkt_offline_does_not_download(no_punkt, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(no_punkt, "download", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert grpo.ensure_punkt() == "regex"
+    assert calls == []
+    assert "note:" in capsys.readouterr().err  # the fallback is announced (once, by have_punkt)
+
+
+def test_ensure_punkt_online_downloads_once_and_uses_it(no_punkt, monkeypatch):
+    calls = []
+    installed = []
+
+    def download(name, **kwargs):
+        calls.append(name)
+        installed.append(True)
+        return True
+
+    def find(resource, *args, **kwargs):
+        if not installed:
+            raise LookupError(resource)
+
+    allow_network(monkeypatch)
+    monkeypatch.setattr(no_punkt, "download", download)
+    monkeypatch.setattr(no_punkt.data, "find", find)
+    assert grpo.ensure_punkt() == "punkt_tab"
+    assert grpo.ensure_punkt() == "punkt_tab"
+    assert calls == ["punkt_tab"]
+
+
+def test_ensure_punkt_returns_while_a_hanging_download_is_still_running(no_punkt, monkeypatch):
+    """A download that does not finish (an unreachable network) is not waited for past the timeout: ensure_punkt
+    returns the regex splitter while the download thread is still running (blocked on an event only this test
+    sets). Were ensure_punkt to wait for the download, it would return only after the download gave up, and the
+    thread would no longer be alive."""
+    import threading
+
+    allow_network(monkeypatch)
+    started, release, downloads = threading.Event(), threading.Event(), []
+
+    def hanging_download(*args, **kwargs):
+        downloads.append(threading.current_thread())
+        started.set()
+        release.wait(120)  # gives up only if the test never sets it
+        return False
+
+    monkeypatch.setattr(no_punkt, "download", hanging_download)
+    try:
+        assert grpo.ensure_punkt(timeout=0.2) == "regex"
+        assert not release.is_set()
+        assert started.wait(120), "ensure_punkt never started the download"
+        (thread,) = downloads
+        assert thread is not threading.current_thread()  # in a background thread,
+        assert thread.is_alive() and thread.daemon  # still running when ensure_punkt returned, and never blocks exit
+    finally:
+        release.set()
+        for thread in downloads:
+            thread.join(120)
+    assert not thread.is_alive()
+
+
+# --------------------------------------------------------------------------------------------------
+# compute_rewards: the one place to plug in a reward; its contract; groups whose rewards are all equal
+# --------------------------------------------------------------------------------------------------
+def test_a_custom_reward_is_used(grpo, tiny_bart_dir, data_files, monkeypatch):
+    """compute_rewards is the one place to plug in a reward: the rollout's rewards and advantages come from it."""
+    config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+        grpo, tiny_bart_dir, data_files, num_iterations=1)
+    seen = {}
+
+    def brevity_bonus(predictions, references, articles, config):  # shorter is better: -(number of words)
+        seen.update(predictions=predictions, references=references, articles=articles)
+        return [-float(len(p.split())) for p in predictions]
+
+    monkeypatch.setattr(grpo, "compute_rewards", brevity_bonus)
+    rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
+    G = config.group_size
+    assert seen["articles"] == [a for a in rows[config.text_column] for _ in range(G)]
+    assert seen["references"] == [r for r in rows[config.summary_column] for _ in range(G)]
+    rewards = torch.tensor([-float(len(p.split())) for p in seen["predictions"]])
+    assert stats["reward_mean"] == pytest.approx(rewards.mean().item())
+    assert torch.equal(rollout.advantages, grpo.group_advantages(rewards, G, scale=config.scale_rewards))
+
+
+@pytest.mark.parametrize("rewards, problem", [([0.5], "1 rewards for 2"), ([0.5, float("nan")], "nan")])
+def test_a_reward_that_breaks_the_contract_is_one_clear_error(grpo, rewards, problem):
+    with pytest.raises(grpo.UserError, match="one finite float per summary") as info:
+        grpo.checked_rewards(rewards, ["a", "b"])
+    assert problem in str(info.value)
+
+
+def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_bart_dir, data_files, monkeypatch):
+    config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
+        grpo, tiny_bart_dir, data_files, num_iterations=1)
+    for rewards, expected in (([0.3] * 4, 1.0), ([0.1, 0.2, 0.3, 0.4], 0.0)):
+        monkeypatch.setattr(grpo, "rouge_rewards",
+                            lambda p, r, w=None, t="default", values=rewards: values * config.batch_size)
+        rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
+        assert stats["zero_std_groups"] == expected
+        assert bool((rollout.advantages == 0).all()) == (expected == 1.0)
