@@ -160,6 +160,8 @@ class Config:
     demo: bool = False  # offline demo: synthetic data and a tiny model built here (see DEMO_CONFIG)
     demo_seeds: int = 1  # --demo: run seeds seed..seed+n-1 (each in output_dir/seed_N) and print mean and spread
     benchmark: bool = False  # time every phase of a fixed tiny workload and print a table
+    estimate_memory: bool = False  # print the GPU memory one GRPO step needs at these sizes (no weights loaded), exit
+    gpu_memory_gb: float = 80.0  # --estimate_memory: the GPU size (GB, 10^9 bytes) it fits micro_batch_size to
 
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "gspo_token")  # --loss_type choices (see grpo_loss)
@@ -1001,34 +1003,103 @@ def load_saved_model(directory: str, config: Config, device: torch.device):
 
 
 def sampler_step_function(config: Config):
-    """The sampler's decoder step: the plain one, or with --compile_sampler a compiled one with a static cache."""
-    return StaticCacheDecoderStep(config.max_new_tokens, compiled=True) if config.compile_sampler else decoder_step
-
-
-class StaticCacheDecoderStep:
-    """decoder_step with the self-attention keys/values in a transformers StaticCache of max_new_tokens positions,
-    so that every step has the same shapes; compiled=True runs it through torch.compile(mode="reduce-overhead"),
-    which replays each step as a CUDA graph on CUDA (--compile_sampler). Same tokens as decoder_step (tested)."""
-
-    def __init__(self, max_new_tokens: int, compiled: bool = False):
-        self.max_new_tokens = max_new_tokens
-        self.step = compiled_decoder_step() if compiled else decoder_step
-
-    def __call__(self, model, encoder_outputs, attention_mask, token, cache) -> torch.Tensor:
-        from transformers import StaticCache
-
-        if not isinstance(cache.self_attention_cache, StaticCache):  # first step: move the keys/values over
-            static = StaticCache(config=model.config, max_cache_len=self.max_new_tokens)
-            for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):
-                static.update(keys, values, layer)
-            cache.self_attention_cache = static
-        return self.step(model, encoder_outputs, attention_mask, token, cache).clone()  # a graph's output is reused
+    """The sampler's decoder step: the plain one, or with --compile_sampler the run's compiled static step."""
+    return run_static_step(config.max_new_tokens, config.max_source_length) if config.compile_sampler else decoder_step
 
 
 @lru_cache(maxsize=1)
-def compiled_decoder_step():
-    """decoder_step under torch.compile(mode="reduce-overhead"): on CUDA, each step replays a CUDA graph."""
-    return torch.compile(decoder_step, mode="reduce-overhead", dynamic=False)
+def run_static_step(max_new_tokens: int, max_source_length: int) -> "StaticCacheDecoderStep":
+    """The run's one compiled static step: its buffers, compile and CUDA graph serve every rollout of the run."""
+    return StaticCacheDecoderStep(max_new_tokens, compiled=True, max_source_length=max_source_length)
+
+
+class StaticCacheDecoderStep:
+    """decoder_step on buffers allocated once per run, so that every step of every rollout has the same shapes and
+    addresses and its only per-step input is the token: the self-attention keys/values (a transformers StaticCache
+    of max_new_tokens positions, with the decoder's layer count), the cross-attention keys/values, the encoder's
+    output and its mask, all padded to max_source_length (the mask 0 there; None: the first rollout's length).
+
+    The first step of each rollout resets the buffers and copies that rollout's keys/values in. Under autocast (the
+    CUDA sampler), the decoder's linear weights are read from bf16 copies refreshed once per rollout: what autocast
+    casts on every step, the same numbers. compiled=True runs the step through torch.compile(mode="reduce-overhead",
+    dynamic=False): one compile per run whatever the article lengths, and on CUDA one CUDA graph recorded once and
+    replayed by every step of every rollout (the buffers are marked static addresses, so nothing is copied into the
+    graph but the token). Same tokens as decoder_step (tested).
+    """
+
+    def __init__(self, max_new_tokens: int, compiled: bool = False, max_source_length: int | None = None,
+                 backend="inductor"):
+        self.max_new_tokens, self.max_source_length, self.compiled = max_new_tokens, max_source_length, compiled
+        self.backend = backend  # torch.compile's backend (tests pass one that counts graphs)
+        self.model = self.shape = self.rollout_cache = None
+
+    def __call__(self, model, encoder_outputs, attention_mask, token, cache) -> torch.Tensor:
+        if self.rollout_cache is None or self.rollout_cache() is not cache:  # a rollout's first step here
+            self.start_rollout(model, encoder_outputs.last_hidden_state, attention_mask, cache)
+        if self.compiled:  # each step a new CUDA-graph generation: the same recording replayed
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step(token).clone()  # a CUDA graph's output buffer is overwritten by the next replay
+
+    def start_rollout(self, model, hidden: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
+        """Reset the run's buffers (allocated here on the first rollout) and copy this rollout's in; the rollout's
+        cache then points at the buffers, so that its own keys/values are freed."""
+        import weakref
+
+        length = hidden.size(1)
+        if self.max_source_length is not None and length > self.max_source_length:
+            raise ValueError(f"articles of {length} tokens exceed the static step's {self.max_source_length}")
+        autocast_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else None
+        shape = (hidden.size(0), hidden.size(2), hidden.dtype, hidden.device, autocast_dtype)  # else: new buffers
+        if model is not self.model or shape != self.shape or length > self.hidden.size(1):
+            self.allocate(model, shape, max(length, self.max_source_length or 0))
+        self.self_cache.reset()
+        self.cross_cache.reset()
+        for layer, (keys, values, *_) in enumerate(cache.self_attention_cache):  # the first token's keys/values
+            self.self_cache.update(keys, values, layer)
+        for layer, (keys, values, *_) in enumerate(cache.cross_attention_cache):  # positions past length stay 0
+            self.cross_cache.update(keys, values, layer)
+        self.cache.is_updated = {layer: True for layer in range(len(self.cross_cache))}
+        self.hidden.zero_()[:, :length].copy_(hidden)
+        self.attention_mask.zero_()[:, :length].copy_(attention_mask)
+        for name, weight in self.sampling_weights.items():  # once per rollout, not in every step
+            weight.copy_(self.sources[name])
+        cache.self_attention_cache, cache.cross_attention_cache = self.self_cache, self.cross_cache  # frees its own
+        self.rollout_cache = weakref.ref(cache)  # which rollout the buffers hold, without keeping its cache alive
+
+    def allocate(self, model, shape: tuple, length: int) -> None:
+        """The buffers, the bf16 weight copies under autocast, and the (compiled) step over them."""
+        from transformers import EncoderDecoderCache, StaticCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        rows, width, dtype, device, autocast_dtype = shape
+        decoder_config = model.get_decoder().config  # T5's decoder may have more layers than its encoder
+        self.self_cache = StaticCache(config=decoder_config, max_cache_len=self.max_new_tokens)
+        self.cross_cache = StaticCache(config=decoder_config, max_cache_len=length)
+        self.cache = EncoderDecoderCache(self.self_cache, self.cross_cache)
+        self.hidden = torch.zeros(rows, length, width, dtype=dtype, device=device)
+        self.attention_mask = torch.zeros(rows, length, dtype=torch.long, device=device)
+        self.encoder_outputs = BaseModelOutput(last_hidden_state=self.hidden)
+        encoder = {id(module) for module in model.get_encoder().modules()}
+        self.sources = {f"{name}.{key}": tensor for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and id(module) not in encoder
+                        for key, tensor in (("weight", module.weight), ("bias", module.bias)) if tensor is not None} \
+            if autocast_dtype is not None else {}
+        self.sampling_weights = {name: torch.empty_like(tensor, dtype=autocast_dtype, requires_grad=False)
+                                 for name, tensor in self.sources.items()}
+        for tensor in [self.hidden, self.attention_mask, *self.sampling_weights.values()]:
+            torch._dynamo.mark_static_address(tensor)
+        self.model, self.shape = model, shape
+        self.step = torch.compile(self.decode, backend=self.backend, dynamic=False, mode="reduce-overhead"
+                                  if self.backend == "inductor" else None) if self.compiled else self.decode
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """decoder_step on the buffers, the linear layers reading the bf16 weights under autocast."""
+        model = self.model
+        if self.sampling_weights:
+            model = lambda **inputs: torch.func.functional_call(  # noqa: E731
+                self.model, self.sampling_weights, (), inputs, tie_weights=False, strict=False)
+        return decoder_step(model, self.encoder_outputs, self.attention_mask, token, self.cache)
 
 
 def fused_adamw(device: torch.device) -> bool:
@@ -1538,7 +1609,15 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
         (config.text_column != config.summary_column,
          f"--text_column and --summary_column are both {config.text_column!r}; the article and its reference "
          "summary must be two different columns"),
-        (not config.compile_sampler or (torch.cuda.is_available() and config.device != "cpu"),
+        (config.gpu_memory_gb > 0, "--gpu_memory_gb must be > 0"),
+        (not config.estimate_memory or config.lora_r == 0,
+         "--estimate_memory plans full fine-tuning only (peft cannot add adapters to fake tensors): leave --lora_r "
+         "out for an upper bound"),
+        ("gpu_memory_gb" not in given or config.estimate_memory,
+         "--gpu_memory_gb applies to --estimate_memory only: add it, or leave it out"),
+        (not config.estimate_memory or not (config.eval_only or config.demo or config.benchmark or config.resume),
+         "--estimate_memory cannot be combined with --eval_only, --demo, --benchmark or --resume"),
+        (not config.compile_sampler or config.estimate_memory or (torch.cuda.is_available() and config.device != "cpu"),
          "--compile_sampler captures CUDA graphs and needs a CUDA device; drop it on this machine"),
     ]
     for ok, message in checks:
@@ -3425,6 +3504,171 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Memory plan: one GRPO step traced on fake tensors, the peak memory of each phase (--estimate_memory)
+# --------------------------------------------------------------------------------------------------
+MEMORY_HEADROOM = 0.9  # a micro_batch_size fits when its step peak is under this share of the GPU (allocator cache, context)
+CUDA_FLOAT32_OPS = frozenset({"layer_norm", "group_norm", "softmax", "log_softmax", "logsumexp", "cumsum", "pow", "rsqrt",
+                              "exp", "log", "cross_entropy", "nll_loss", "mse_loss"})  # CUDA autocast: fp32; CPU's: bf16
+
+
+class MemoryTracker(torch.utils._python_dispatch.TorchDispatchMode):
+    """Live and peak bytes of the tensor storages created under it (or handed to track), as CUDA's
+    torch.cuda.memory_allocated counts them.
+
+    A storage counts from the op that creates it until its last reference is gone (a weakref finalizer on the
+    storage object), rounded up to `block` bytes (CUDA's caching allocator rounds to 512); views share their base's
+    storage and count once. Fake tensors hold no values, so with `scalar` set a scalar read (.item(), bool(), int())
+    returns it (a bool: False): the sampler never sees every sample ended and runs to max_new_tokens (the worst case).
+    """
+
+    def __init__(self, scalar: int | None = None, block: int = 512):
+        super().__init__()
+        self.scalar, self.block, self.live, self.peak, self.storages = scalar, block, 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and self.scalar is not None:
+            return False if args[0].dtype == torch.bool else self.scalar
+        out = func(*args, **(kwargs or {}))
+        self.track(torch.utils._pytree.tree_leaves(out))
+        return out
+
+    def track(self, tensors) -> None:
+        """Count the storages of these tensors (once each) until they are freed."""
+        import weakref
+
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and id(storage := tensor.untyped_storage()) not in self.storages:
+                size = -(-storage.nbytes() // self.block) * self.block
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                self.storages[id(storage)] = weakref.finalize(storage, self.free, id(storage), size)
+
+    def free(self, key: int, size: int) -> None:
+        self.live -= size
+        self.storages.pop(key, None)
+
+    @contextlib.contextmanager
+    def phase_peak(self, peaks: dict, name):
+        """Record in peaks[name] the highest live bytes inside the block (the live bytes at its start included)."""
+        self.peak = self.live
+        yield
+        peaks[name] = max(peaks.get(name, 0), self.peak)
+
+
+class CudaAutocastFloat32(torch.overrides.TorchFunctionMode):
+    """What CUDA's bf16 autocast adds to CPU's: the ops of its float32 list (layer norm, softmax, pow, rsqrt, exp, log,
+    logsumexp, cumsum, losses) take float32 inputs. With torch.autocast("cpu", bfloat16), which casts the matrix
+    products (linear, matmul, bmm, scaled_dot_product_attention) to bf16 as CUDA's does, a CPU trace allocates what
+    a CUDA run would (this torch may have no CUDA: fake CUDA tensors need its device guard)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in CUDA_FLOAT32_OPS and kwargs.get("dtype") is None:
+            upcast = lambda x: x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x  # noqa: E731
+            args, kwargs = torch.utils._pytree.tree_map(upcast, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def emulated_cuda_autocast(device: torch.device):
+    """autocast(device) of the plan: CUDA's bf16 autocast rules on CPU tensors (CudaAutocastFloat32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastFloat32():
+        yield
+
+
+def memory_plan(model_config, config: Config, micro_batch_sizes: list[int], cuda: bool = True) -> dict:
+    """Peak allocated bytes of each phase of a GRPO step at config's sizes: {"rollout": n, "steady": n,
+    "reference": {micro_batch_size: n}, "update": {micro_batch_size: n}}, each peak with what stays allocated.
+
+    The model is built from its config on fake tensors (FakeTensorMode: shapes and dtypes, no memory, no weights
+    read), and one step is run through the script's own functions (sample_completions, sequence_logprobs_no_grad,
+    grpo_update) with AdamW: a first update (on a rollout of zeros) allocates AdamW's state and the gradients, the
+    second step is measured, every summary at max_new_tokens and every article at max_source_length; with
+    --compile_sampler, through StaticCacheDecoderStep's buffers (eager: the same memory as compiled, CUDA graph pools
+    aside). MemoryTracker counts the live storages. cuda=True: under CUDA's bf16 autocast (emulated on CPU), as a
+    CUDA run; False: no autocast, as a CPU run.
+    """
+    import unittest.mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForSeq2SeqLM
+
+    device, batch, group = torch.device("cpu"), config.batch_size, config.group_size
+    tracker, peaks = MemoryTracker(config.max_new_tokens, 512 if cuda else 1), {"reference": {}, "update": {}}
+    patched = unittest.mock.patch.object(sys.modules[__name__], "autocast", emulated_cuda_autocast) if cuda \
+        else contextlib.nullcontext()
+    with FakeTensorMode(), tracker, patched, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft and transformers warn about fake-tensor details
+        policy = AutoModelForSeq2SeqLM.from_config(model_config, dtype=torch.float32)
+        set_grpo_mode(policy, config)
+        reference = AutoModelForSeq2SeqLM.from_config(model_config, dtype=torch.float32).eval()  # frozen_copy's size
+        reference_forward = GroupedSeq2Seq(reference.requires_grad_(False))  # (a deepcopy leaves the fake mode)
+        policy_forward = GroupedSeq2Seq(policy)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                      weight_decay=config.weight_decay, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        input_ids = torch.full((batch, config.max_source_length), 5, dtype=torch.long)
+        attention_mask = torch.ones_like(input_ids)
+        eos = model_config.eos_token_id if model_config.eos_token_id is not None else 1
+        step_function = StaticCacheDecoderStep(config.max_new_tokens, max_source_length=config.max_source_length) \
+            if config.compile_sampler else decoder_step  # compiled or not: the same buffers
+        for step, sizes in ((0, [config.micro_batch_size]), (1, micro_batch_sizes)):  # 0: AdamW's state
+            sequences = torch.zeros(batch * group, 1 + config.max_new_tokens, dtype=torch.long)
+            with tracker.phase_peak(peaks, "rollout"), autocast(device), eval_mode(policy):
+                if step == 1:
+                    sequences, _ = sample_completions(policy, input_ids, attention_mask, group, config.max_new_tokens,
+                                                      eos, 0, config.temperature, config.top_p, with_logprobs=False,
+                                                      step_function=step_function)
+            completion_ids = sequences[:, 1:]
+            rollout = Rollout(input_ids, attention_mask, sequences[:, :-1], completion_ids,
+                              torch.ones(completion_ids.shape), torch.zeros(batch * group))
+            for size in sizes:
+                sized = dataclasses.replace(config, micro_batch_size=size)
+                with tracker.phase_peak(peaks["reference"] if step else {}, size):
+                    rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, sized, device)
+                    if config.num_iterations > 1:
+                        rollout.old_logprobs = sequence_logprobs_no_grad(policy_forward, rollout, sized, device)
+                with tracker.phase_peak(peaks["update"] if step else {}, size):
+                    grpo_update(policy_forward, optimizer, scheduler, rollout, sized, device, PhaseTimer(device))
+            del rollout, sequences, completion_ids
+        peaks["steady"] = tracker.live  # weights, pi_ref, AdamW's state, the gradients kept until the next update
+    return peaks
+
+
+def estimate_memory(config: Config) -> int:
+    """--estimate_memory: print the GPU memory a GRPO step needs at the configured sizes, per phase and per
+    micro_batch_size, and the largest micro_batch_size that fits --gpu_memory_gb; reads the model's config only."""
+    from transformers import AutoConfig
+
+    name = os.path.expanduser(config.model_name)
+    try:
+        model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    except Exception as error:
+        raise UserError(f"could not load the config of {name!r} ({str(error).splitlines()[0]})") from None
+    cuda = config.device != "cpu"
+    total = config.batch_size * config.group_size
+    sizes = sorted({config.group_size * 2 ** k for k in range(12) if config.group_size * 2 ** k < total}
+                   | {total, config.micro_batch_size})
+    peaks = memory_plan(model_config, config, sizes, cuda)
+    gb, budget = 1e9, config.gpu_memory_gb * MEMORY_HEADROOM
+    print(f"memory plan: {config.model_name}, B={config.batch_size} G={config.group_size}, {config.max_source_length} "
+          f"source and {config.max_new_tokens} new tokens, {'CUDA bf16 autocast' if cuda else 'CPU float32'}"
+          f"{', --compile_sampler' if config.compile_sampler else ''} (allocated GB, fake tensors: an estimate)")
+    print(f"steady state (weights, pi_ref, AdamW, gradients) {peaks['steady'] / gb:8.2f}")
+    print(f"rollout peak (sampling)                          {peaks['rollout'] / gb:8.2f}")
+    print(f"{'micro_batch_size':>16} {'reference':>10} {'update':>10} {'step peak':>10}  fits {config.gpu_memory_gb:g} GB")
+    fitting = []
+    for size in sizes:
+        step_peak = max(peaks["rollout"], peaks["reference"][size], peaks["update"][size])
+        fitting += [size] if step_peak <= budget * gb else []
+        print(f"{size:>16} {peaks['reference'][size] / gb:>10.2f} {peaks['update'][size] / gb:>10.2f} "
+              f"{step_peak / gb:>10.2f}  {'yes' if step_peak <= budget * gb else 'no'}")
+    print(f"largest micro_batch_size that fits {MEMORY_HEADROOM:.0%} of {config.gpu_memory_gb:g} GB: "
+          f"{max(fitting) if fitting else 'none (lower --batch_size, --max_source_length or use --lora_r)'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Benchmark: a fixed, seeded workload timed phase by phase (--benchmark)
 # --------------------------------------------------------------------------------------------------
 BENCHMARK_CONFIG = dict(output_dir="runs/benchmark", max_steps=10, sft_steps=0, sft_eval_every=0)  # the demo's setup
@@ -3571,6 +3815,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo_seeds(config, given)
         if config.benchmark:
             return run_benchmark(*start_process(config, given))
+        if config.estimate_memory:
+            return estimate_memory(config)
         if config.demo and config.resume and os.path.exists(os.path.join(config.output_dir, "comparison.json")):
             return finished_demo(config, given)
         code = train(config if config.demo else checked_against_model(config, given), given)
