@@ -6,7 +6,8 @@ test_flags (parse_args, --help, validate_config, one error line per bad input), 
 resume, signals, output dirs, data files), test_evaluation, test_demo, test_distributed (torchrun) and test_cuda.
 
 Everything is built offline from configs (no downloads): a tiny T5 with the byte-level ByT5 tokenizer, a tiny
-BART with a word-level tokenizer trained on the script's own synthetic corpus, and small .jsonl splits.
+BART with a word-level tokenizer trained on the script's own synthetic corpus (and a copy shrunk to 64 positions),
+and small .jsonl splits.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def read_jsonl(path) -> list[dict]:
     """The records of a .jsonl file (blank lines skipped)."""
     with open(path, encoding="utf-8") as file:
         return [json.loads(line) for line in file if line.strip()]
+
+
+def checkpoint_names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".pt"))
 
 
 def check_ok(result) -> None:
@@ -164,6 +169,29 @@ def data_files(tmp_path_factory, grpo) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("data")
     train, validation = grpo.write_demo_splits(str(directory), num_train=40, num_eval=8, seed=0)
     return Path(train), Path(validation)
+
+
+POSITIONS = 64  # the positions of the short BART below
+
+
+@pytest.fixture(scope="session")
+def short_bart_dir(tmp_path_factory, grpo) -> Path:
+    """The demo's tiny BART (word tokenizer), shrunk, with only 64 positions in encoder and decoder."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    directory = tmp_path_factory.mktemp("short_bart")
+    rows = grpo.make_synthetic_corpus(200, seed=0)
+    tokenizer = grpo.build_word_tokenizer([r["article"] for r in rows] + [r["highlights"] for r in rows],
+                                          str(directory), "bart")
+    grpo.build_demo_model(str(directory), tokenizer, seed=0)
+    config = BartConfig.from_pretrained(directory)
+    config.update(dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0,
+                       max_position_embeddings=POSITIONS))
+    torch.manual_seed(0)
+    BartForConditionalGeneration(config).save_pretrained(directory)
+    return directory
 
 
 # The small flags of a tiny run: 2 articles x 4 samples per step, 8 new tokens.

@@ -1,9 +1,10 @@
 """The offline demo and the benchmark, shortened (the same code path as the full runs, fewer steps): the demo
 world, whose most likely phrasing is not the ROUGE-best one, the whole pipeline, and the comparison of start /
-control (more SFT) / GRPO over several seeds."""
+control (more SFT) / GRPO over several seeds, and a finished demo resumed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -185,3 +186,23 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}")
     assert fresh.returncode == 2 and "comparison_seeds.json" in fresh.stderr.strip().splitlines()[-1]
     assert (tmp_path / "comparison_seeds.json").read_bytes() == before and not (tmp_path / "seed_6").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# a finished demo resumed: one line, exit 0, the files named
+# --------------------------------------------------------------------------------------------------
+def test_resuming_a_finished_demo_names_its_files_and_trains_nothing(grpo, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    out.mkdir()
+    config, given = grpo.parse_args(["--demo", f"--output_dir={out}"])
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(grpo.pointed_at_demo_files(config, given))))
+    comparison = {key: 0 for key in grpo.DEMO_REPORT_KEYS}
+    comparison.update({row: {key: 0.0 for key in grpo.COMPARISON_KEYS} for row in ("start", "control", "grpo")})
+    (out / "comparison.json").write_text(json.dumps(comparison))
+    monkeypatch.setattr(grpo, "train", lambda *args: pytest.fail("a finished demo must not train again"))
+    assert grpo.main(["--demo", f"--output_dir={out}", "--resume=True"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{out}/comparison.json" in lines[0] and f"{out}/comparison.png" in lines[0], lines
+    # other flags than the finished run's: refused, as for the seeds of --demo_seeds
+    assert grpo.main(["--demo", f"--output_dir={out}", "--resume=True", "--max_steps=7"]) == 2
+    assert "--overwrite_output_dir=True" in capsys.readouterr().err

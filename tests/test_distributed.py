@@ -1,6 +1,6 @@
 """Several processes: torchrun with 2 CPU processes (gloo), the DDP path of the same file (with LoRA too), DDP
 gradients equal to one process's for every loss type, the batch reward std over all processes, each process's own
-articles, and the CPU threads each process gets.
+articles, the CPU threads each process gets, and a signal on one rank stopping both at the same boundary.
 
 Every helper that starts a process group ends it the same way: a barrier once every process is done with its
 collectives (so that none tears the group down while another still works: gloo then aborts the process with
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN_ARGS, check_ok, needs_peft, read_jsonl, run_torchrun
+from conftest import (ROOT, SCRIPT, TORCHRUN_ARGS, check_ok, checkpoint_names, data_args, needs_peft, read_jsonl,
+                      run_torchrun)
 
 
 def test_batch_indices_give_each_process_its_own_articles(grpo):
@@ -191,3 +193,51 @@ def test_batch_reward_std_under_two_processes_is_the_std_of_all_rewards(tmp_path
     # all 8 rewards [0, 1, 2, 2, 4, 4, 0.5, 1.5]: mean 1.875; squared deviations sum 15.375
     # -> sample std sqrt(15.375 / 7) = 1.482035
     assert stds == pytest.approx([1.482035, 1.482035], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-emption under torchrun (gloo): a signal on one rank; both stop at the same boundary and save
+# --------------------------------------------------------------------------------------------------
+SIGNAL_ON_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import grpo_encoder_decoder_summarization as grpo
+original, calls = grpo.grpo_loss, [0]
+def grpo_loss(*args, **kwargs):  # rank 1 alone: SIGTERM in the first micro-batch of step 2's update
+    calls[0] += 1
+    if calls[0] == 3 and os.environ["RANK"] == "1" and "--resume=True" not in sys.argv:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+grpo.grpo_loss = grpo_loss
+sys.exit(grpo.main())
+"""
+
+
+def test_two_processes_stop_at_the_same_boundary(tiny_bart_dir, data_files, tmp_path):
+    """SIGTERM reaches rank 1 only, inside step 2's update (2 micro-batches per process): both ranks agree at the
+    next micro-batch, save step 1 and exit 143; nobody waits in a collective alone. 5 held-out articles in batches
+    of 1 give the ranks 3 and 2 evaluation batches: they still pass the same boundaries. The resume under torchrun
+    (the printed command's launcher) ends as the run never stopped."""
+    from conftest import assert_resumed_run_matches, run_torchrun
+
+    wrapper = tmp_path / "signal_rank_1.py"
+    wrapper.write_text(SIGNAL_ON_RANK_1.format(root=str(SCRIPT.parent)))
+    common = [f"--model_name={tiny_bart_dir}", *data_args(data_files), "--batch_size=2", "--group_size=4",
+              "--micro_batch_size=4", "--max_new_tokens=8", "--max_source_length=64", "--eval_samples=5",
+              "--eval_batch_size=1", "--eval_every=2", "--save_every=100", "--sft_steps=1", "--learning_rate=1e-3",
+              "--device=cpu", "--max_steps=3"]
+    out, straight = tmp_path / "stopped", tmp_path / "straight"
+    stopped = run_torchrun(*common, f"--output_dir={out}", script=wrapper)
+    assert stopped.returncode != 0 and "KeyboardInterrupt" not in stopped.stderr, stopped.stderr[-3000:]
+    assert "stopped at step 1; checkpoint saved" in stopped.stderr, stopped.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*143", stopped.stderr), stopped.stderr[-3000:]  # torchrun's report of a rank
+    assert checkpoint_names(out) == ["step_00000001.pt"]
+    assert torch.load(out / "checkpoints" / "step_00000001.pt", weights_only=False)["world_size"] == 2
+    command = [line for line in stopped.stderr.splitlines() if "Continue with: " in line][0]
+    assert shlex.split(command.split("Continue with: ", 1)[1])[:3] == ["torchrun", "--standalone",
+                                                                       "--nproc_per_node=2"]
+    resumed = run_torchrun(*common, f"--output_dir={out}", "--resume=True", script=wrapper)
+    check_ok(resumed)
+    assert "at step 1" in resumed.stderr, resumed.stderr[-3000:]
+    check_ok(run_torchrun(*common, f"--output_dir={straight}", script=SCRIPT))
+    assert_resumed_run_matches(out, straight, resumed_at=1)

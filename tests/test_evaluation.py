@@ -1,6 +1,7 @@
 """Evaluation for papers: bootstrap confidence intervals, the paired before/after test, --eval_only with the
 checkpoint's own decoding or greedy, local validation/test splits, --eval_samples=0, and summary_quality (the
-entity recall, invented facts and collapse measures of the demo's comparison).
+entity recall, invented facts and collapse measures of the demo's comparison). Also the training command plus
+--eval_only=True, checkpoint decoding without a length, and degenerate (empty, special-token-only) summaries.
 
 Everything runs offline on a tiny BART "summarizer" whose generation_config holds beam-search settings.
 """
@@ -371,3 +372,132 @@ def test_invented_names_are_caught_in_lowercased_summaries(grpo):
 def test_summary_quality_of_nothing_is_zero_not_an_error(grpo):
     assert grpo.summary_quality([""], ["Ref 12."], ["12"])["punctuation_fraction"] == 0.0
     assert grpo.summary_quality([], [], [])["top_summary_share"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation the Hugging Face way: the training command plus --eval_only=True; what eval-only refuses
+# --------------------------------------------------------------------------------------------------
+def test_the_training_command_plus_eval_only_scores_the_runs_best_model(grpo, tiny_bart_dir, data_files, tmp_path,
+                                                                       capsys):
+    train, validation = data_files
+    out = tmp_path / "run"
+    command = [f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+               f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8", "--max_steps=1",
+               "--batch_size=2", "--group_size=2", "--micro_batch_size=4", "--eval_samples=4", "--learning_rate=1e-5"]
+    result = run_script(*command, timeout=300)
+    check_ok(result)
+    assert result.stderr.strip().splitlines()[-1].startswith(f"open: {out}/curves.png")  # item 6: the files to open
+    assert grpo.main([*command, "--eval_only=True"]) == 0
+    err = capsys.readouterr().err
+    target = out / "eval_best_validation"
+    assert f"scoring its best/ (the best held-out rougeL of training) into {target}" in err
+    notes = [line for line in err.splitlines() if "does not read" in line]
+    assert notes == ["note: --eval_only=True does not read --batch_size, --group_size, --learning_rate, --max_steps, "
+                     "--micro_batch_size, --train_file (training flags)"]
+    record = read_jsonl(target / "eval.jsonl")[-1]
+    assert record["model"] == str(out / "best") and record["articles"] == 4 and record["source_prefix"] == ""
+    assert len(read_jsonl(target / "eval_predictions.jsonl")) == 4
+    assert "trained with --source_prefix" not in err  # trained and scored with the same (empty) prefix
+    # the model scored with a prefix it was not trained with: one warning line
+    assert grpo.main(["--eval_only=True", f"--model_name={out / 'final'}", f"--validation_file={validation}",
+                      f"--output_dir={tmp_path / 'other'}", "--device=cpu", "--max_source_length=64",
+                      "--max_new_tokens=8", "--source_prefix=summarize: "]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "trained with --source_prefix" in line]
+    assert len(warnings) == 1 and "--source_prefix=''" in warnings[0], warnings
+    assert read_jsonl(tmp_path / "other" / "eval.jsonl")[-1]["source_prefix"] == "summarize: "
+
+
+def test_eval_only_refuses_only_what_would_score_other_articles(grpo, tmp_path, capsys):
+    # --train_file alone: training held out some of its rows, which eval-only cannot know; name the flag to use
+    assert grpo.main(["--eval_only=True", f"--train_file={tmp_path / 't.jsonl'}"]) == 2
+    error = capsys.readouterr().err
+    assert "--train_file" in error and "--validation_file" in error and len(error.splitlines()) == 1
+    # an --output_dir holding a training run of another model
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"model_name": "base"}), encoding="utf-8")
+    assert grpo.main(["--eval_only=True", f"--output_dir={tmp_path / 'run'}", "--model_name=other",
+                      f"--validation_file={tmp_path / 'v.jsonl'}"]) == 2
+    assert "pass an --output_dir of its own" in capsys.readouterr().err
+    # the run's own model, but it has not saved one yet
+    assert grpo.main(["--eval_only=True", f"--output_dir={tmp_path / 'run'}", "--model_name=base",
+                      f"--validation_file={tmp_path / 'v.jsonl'}"]) == 1
+    assert "no best/ or final/ model yet" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# --eval_decoding=checkpoint on a generation_config without a length
+# --------------------------------------------------------------------------------------------------
+def test_checkpoint_decoding_without_a_length_uses_max_new_tokens(grpo, tiny_bart_dir, data_files, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bart_dir, model)
+    settings = GenerationConfig.from_pretrained(model)
+    settings.num_beams, settings.max_length, settings.max_new_tokens = 2, None, None
+    settings.save_pretrained(model)
+    assert not grpo.checkpoint_sets_length(grpo.Config(model_name=str(model)))
+    out = tmp_path / "eval"
+    assert grpo.main(["--eval_only=True", f"--model_name={model}", f"--validation_file={data_files[1]}",
+                      f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--eval_decoding=checkpoint",
+                      "--max_new_tokens=30", "--eval_samples=3"]) == 0, capsys.readouterr().err
+    record = read_jsonl(out / "eval.jsonl")[-1]
+    assert record["generation"]["max_new_tokens"] == 30 and record["generation"]["num_beams"] == 2
+    tokenizer = AutoTokenizer.from_pretrained(model)  # the untrained model rarely ends early: past 20 tokens
+    lengths = [len(tokenizer(r["prediction"])["input_ids"]) for r in read_jsonl(out / "eval_predictions.jsonl")]
+    assert max(lengths) > 22, lengths
+    # a generation_config that sets a length keeps refusing --max_new_tokens, before anything is written
+    settings.max_length = 12
+    settings.save_pretrained(model)
+    assert grpo.main(["--eval_only=True", f"--model_name={model}", f"--validation_file={data_files[1]}",
+                      f"--output_dir={tmp_path / 'eval2'}", "--eval_decoding=checkpoint", "--max_new_tokens=30"]) == 2
+    assert "drop --max_new_tokens" in capsys.readouterr().err and not (tmp_path / "eval2").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Degenerate summaries: empty ones, special tokens only, entity recall, punctuation runs
+# --------------------------------------------------------------------------------------------------
+def test_a_model_emitting_only_special_tokens_is_reported(grpo, tiny_bart_dir, data_files):
+    import datasets
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_bart_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bart_dir)
+    with torch.no_grad():
+        model.final_logits_bias[0, tokenizer.unk_token_id] = 1e4  # every step: the unknown token
+    held_out = datasets.Dataset.from_list(read_jsonl(data_files[1])[:3])
+    config = grpo.Config(max_source_length=64, max_new_tokens=6, eval_batch_size=2, num_examples=1)
+    metrics, examples, _ = grpo.evaluate(model, tokenizer, held_out, config, torch.device("cpu"), grpo.Distributed())
+    assert metrics["empty_summaries"] == metrics["special_token_summaries"] == 1.0
+    assert metrics["gen_length"] == 0.0 and examples[0]["prediction"] == ""
+    assert metrics["entity_recall"] == 0.0  # every synthetic reference names people or numbers
+    messages = []
+    grpo.warn_empty_summaries(metrics, 3, messages.append)
+    assert messages == ["warning: 3 of 3 held-out summaries are empty (3 made only of special tokens): ROUGE, "
+                        "gen_length and the examples show nothing for them"]
+    grpo.warn_empty_summaries({"empty_summaries": 0.0, "special_token_summaries": 0.0}, 3, messages.append)
+    assert len(messages) == 1
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    start = model.config.decoder_start_token_id
+    rows = torch.tensor([[start, eos, pad, pad], [start, tokenizer.unk_token_id, eos, pad]])
+    assert grpo.special_token_summaries(model, tokenizer, rows) == [False, True]  # empty, but no special token
+
+
+def test_entity_recall_of_empty_summaries_and_punctuation_runs_hand_cases(grpo):
+    # an empty summary: recall 0 where the reference has entities, left out of the mean where it has none
+    quality = grpo.summary_quality(["", ""], ["Sales up 4 percent.", "sales rose."], ["a", "b"])
+    assert quality["entity_recall"] == 0.0
+    assert grpo.summary_quality(["", "x"], ["sales rose.", "no names"], ["a", "b"])["entity_recall"] is None
+    quality = grpo.summary_quality(["said 4", ""], ["Sales up 4 percent.", "Ann said so, said Bo."], ["a", "b"])
+    assert quality["entity_recall"] == pytest.approx((1 + 0) / 2)
+
+    def trailing(text):
+        return grpo.summary_quality([text], ["r"], ["a"])["trailing_punctuation"]
+
+    assert trailing("It is done...") == 0  # one run: the sentence's end
+    assert trailing("Profit rose 3.5%.") == 0  # "%." is one run
+    assert trailing("It is done . . . .") == 3  # four runs, one of them the sentence's end
+    assert trailing("Done!! ??") == 1 and trailing("no end") == 0 and trailing("...") == 0
+    assert grpo.summary_quality(["a ... b"], ["r"], ["x"])["punctuation_fraction"] == pytest.approx(1 / 3)

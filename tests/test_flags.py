@@ -1,6 +1,7 @@
 """The flags: parse_args, --help, validate_config, and one clear error line (and the right exit code, never a
 traceback) for every bad input: a bad flag or flag combination, a missing optional package, a bad data file, a
-missing or unsuitable model, an unwritable output dir."""
+missing or unsuitable model, an unwritable output dir, lengths beyond the model's positions; and flags typed as
+--name value."""
 
 import dataclasses
 import importlib.util
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, data_args, error_lines, needs_peft, read_jsonl, run_script
+from conftest import POSITIONS, TINY, data_args, error_lines, needs_peft, read_jsonl, run_script
 
 import grpo_encoder_decoder_summarization as grpo
 
@@ -486,3 +487,59 @@ def test_bad_input_gives_one_error_line(case, tiny_bart_dir, tiny_t5_dir, data_f
     assert result.returncode == exit_code, f"exit {result.returncode}, stderr:\n{result.stderr}"
     for text in must_mention:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# lengths beyond the model's positions: one line at the start, nothing written; defaults lowered with a note
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--max_source_length=100", "--max_new_tokens=100"])
+def test_length_beyond_positions_is_refused_before_anything_is_written(flag, grpo, short_bart_dir, data_files,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    train, validation = data_files
+    code = grpo.main([f"--model_name={short_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                      f"--output_dir={out}", "--device=cpu", flag])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert flag.split("=")[0] in error and f"{POSITIONS} positions" in error and f"={POSITIONS} or less" in error
+    assert not out.exists()
+
+
+def test_eval_only_max_new_tokens_beyond_positions_is_refused(grpo, short_bart_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = grpo.main(["--eval_only=True", f"--model_name={short_bart_dir}", f"--validation_file={data_files[1]}",
+                      f"--output_dir={out}", "--device=cpu", "--max_new_tokens=2000"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "--max_new_tokens=2000" in error and f"{POSITIONS} positions" in error, error
+    assert not out.exists()
+
+
+def test_default_lengths_are_lowered_to_the_positions_with_a_note(grpo, capsys):
+    from transformers import BartConfig, LEDConfig, T5Config
+
+    config = grpo.Config(max_source_length=1024, max_new_tokens=142)
+    fitted = grpo.fit_lengths(config, BartConfig(max_position_embeddings=POSITIONS), given=set())
+    assert (fitted.max_source_length, fitted.max_new_tokens) == (POSITIONS, POSITIONS)
+    assert capsys.readouterr().err.count("note: --max_") == 2
+    assert grpo.position_limits(T5Config()) == (None, None)  # relative positions: no limit
+    assert grpo.position_limits(LEDConfig()) == (16384, 1024)  # one limit per side
+    assert grpo.fit_lengths(config, T5Config(), given=None) is config
+
+
+# --------------------------------------------------------------------------------------------------
+# flags the way people type them: --name value
+# --------------------------------------------------------------------------------------------------
+def test_name_space_value_is_accepted_for_every_kind_of_flag(grpo):
+    config, given = grpo.parse_args(["--max_steps", "5", "--learning_rate", "3e-6", "--source_prefix", "summarize: ",
+                                     "--resume", "True", "--demo", "--epsilon_high", "None", "--seed=4",
+                                     "--overwrite_output_dir", "--beta", "-0.5"])
+    assert (config.max_steps, config.learning_rate, config.source_prefix, config.resume, config.demo) == (
+        5, 3e-6, "summarize: ", True, True)
+    assert config.epsilon_high is None and config.seed == 4 and config.overwrite_output_dir and config.beta == -0.5
+    assert given == {"max_steps", "learning_rate", "source_prefix", "resume", "demo", "epsilon_high", "seed",
+                     "overwrite_output_dir", "beta"}
+    assert grpo.parse_args(["--resume", "false"])[0].resume is False
+    with pytest.raises(grpo.ConfigError, match="unknown option 'somewhere'"):  # a bool takes only a bool word
+        grpo.parse_args(["--demo", "somewhere"])
+    with pytest.raises(grpo.ConfigError, match="--max_steps needs a value"):
+        grpo.parse_args(["--max_steps", "--seed=1"])

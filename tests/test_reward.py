@@ -1,17 +1,19 @@
 """The reward: compute_rewards as the one place to plug in a reward (and its contract), the zero-std group count,
-the ROUGE reward against rouge_score itself, sentence splitting without punkt, the punkt_tab fetch, and a silent
-import."""
+the ROUGE reward against rouge_score itself, sentence splitting without punkt, the punkt_tab fetch, a silent
+import, non-Latin text under --rouge_tokenizer=unicode, and the warning when rewards stay equal for several steps."""
 
+import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from rouge_score import rouge_scorer
 
 import grpo_encoder_decoder_summarization as grpo
-from conftest import HANG_TIMEOUT, ROOT, build_in_process
+from conftest import HANG_TIMEOUT, ROOT, build_in_process, check_ok, read_jsonl, run_script
 
 KEYS = grpo.ROUGE_KEYS
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
@@ -366,3 +368,76 @@ def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_ba
         rollout, stats = grpo.rollout_step(policy, tokenizer, rows, config, device, grpo.PhaseTimer(device))
         assert stats["zero_std_groups"] == expected
         assert bool((rollout.advantages == 0).all()) == (expected == 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# non-Latin text: refused at the start under rouge_score's tokenizer, scored with --rouge_tokenizer=unicode
+# --------------------------------------------------------------------------------------------------
+CYRILLIC = ["Привет мир как дела", "Совет города одобрил новый мост через реку", "Команда выиграла матч в субботу"]
+
+
+@pytest.fixture(scope="module")
+def cyrillic_files(tmp_path_factory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("cyrillic")
+    paths = []
+    for name, count in (("train.jsonl", 12), ("validation.jsonl", 4)):
+        rows = [{"article": f"{CYRILLIC[i % 3]}. {CYRILLIC[(i + 1) % 3]}. Номер {i}.", "highlights": CYRILLIC[i % 3]}
+                for i in range(count)]
+        (directory / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        paths.append(directory / name)
+    return paths[0], paths[1]
+
+
+def test_unicode_rouge_scores_cyrillic_and_leaves_english_unchanged(grpo):
+    assert grpo.rouge_f1(["Привет мир как дела"], ["Привет мир"])["rouge1"] == [0.0]  # rouge_score keeps [a-z0-9]
+    scores = grpo.rouge_f1(["Привет мир как дела"], ["Привет мир"], "unicode")
+    assert scores["rouge1"] == [pytest.approx(2 / 3)] and scores["rouge2"] == [pytest.approx(1 / 2)]  # P 1/2, R 1; 1/3, 1
+    assert grpo.rouge_tokens("Ça coûte 3,5 € — naïve_test", "unicode") == ["ça", "coûte", "3", "5", "naïve", "test"]
+    rows = grpo.make_synthetic_corpus(6, seed=1)
+    predictions, references = [r["article"] for r in rows], [r["highlights"] for r in rows]
+    assert grpo.rouge_f1(predictions, references, "unicode") == grpo.rouge_f1(predictions, references)
+    config = grpo.Config(rouge_tokenizer="unicode", rouge2_weight=0.0, rougeLsum_weight=0.0)
+    assert grpo.compute_rewards(["Привет мир"], ["Привет мир"], ["a"], config) == [1.0]  # the reward uses it too
+    assert grpo.score_summaries(["Привет мир"], ["Привет мир"], 0, "unicode")[0]["rougeL"] == 1.0
+
+
+def test_cyrillic_corpus_is_refused_at_start_then_trains_with_unicode_rouge(grpo, tiny_t5_dir, cyrillic_files,
+                                                                           tmp_path, capsys):
+    train, validation = cyrillic_files
+    out = tmp_path / "run"
+    args = [f"--model_name={tiny_t5_dir}", f"--train_file={train}", f"--validation_file={validation}",
+            f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8", "--max_steps=1",
+            "--batch_size=2", "--group_size=2", "--micro_batch_size=4", "--eval_samples=2", "--eval_batch_size=2"]
+    assert grpo.main(args) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "--rouge_tokenizer=unicode" in error and "14 of 14" in error, error
+    assert not (out / "run_config.json").exists()
+    result = run_script(*args, "--rouge_tokenizer=unicode", timeout=300)
+    check_ok(result)
+    assert {e["rouge_tokenizer"] for e in read_jsonl(out / "eval.jsonl")} == {"unicode"}
+
+
+# --------------------------------------------------------------------------------------------------
+# rewards equal in every group for several steps: warned once
+# --------------------------------------------------------------------------------------------------
+def test_equal_rewards_for_several_steps_are_warned_once(grpo, tmp_path):
+    import types
+
+    messages = []
+    run = types.SimpleNamespace(config=grpo.Config(output_dir=str(tmp_path), group_size=4), dist=grpo.Distributed(),
+                                state=grpo.TrainerState(), log=messages.append,
+                                scheduler=types.SimpleNamespace(get_last_lr=lambda: [0.1]),
+                                trackers=types.SimpleNamespace(log=lambda *args: None))
+
+    def step(number, zero_std_groups):
+        numbers = dict(samples=[], nonfinite_updates=0, articles_truncated=0.0, reward_mean=0.0,
+                       zero_std_groups=zero_std_groups)
+        grpo.log_step(run, number, [0], {"article": ["a"]}, numbers)
+
+    for number in range(1, grpo.EQUAL_REWARD_STEPS):
+        step(number, 1.0)
+    step(grpo.EQUAL_REWARD_STEPS, 0.5)  # one group with a signal ends the stretch
+    assert not messages
+    for number in range(grpo.EQUAL_REWARD_STEPS + 1, 3 * grpo.EQUAL_REWARD_STEPS + 1):
+        step(number, 1.0)
+    assert len(messages) == 1 and "no learning signal" in messages[0], messages

@@ -1,6 +1,9 @@
 """Whole runs of the script on the tiny models: every file a run writes (and README's lists of them), checkpoints
 (atomic, rotated, best/), exact resume (after a finished run, after SIGKILL, with LoRA), Ctrl-C and SIGTERM, the
 saved config and what a resume may change, output dirs that are never lost, messy data files, and the trackers.
+Also pre-emption in every phase (SFT, rollout, update, evaluation) with an exact resume, the resume checks (process
+count, --max_steps below the checkpoint, fewer GPUs), the continue command pasted as is, and the start checks
+(lengths, truncation counts, an unreachable hub, models that cannot sample, the punkt note, UTF-8 JSONL).
 
 Everything runs offline on the tiny models of conftest.py. A test of a child process never depends on when a signal
 lands or how fast the machine is: the child runs the script's main() with one function wrapped so that it stops at
@@ -16,12 +19,15 @@ import dataclasses
 import glob
 import io
 import json
+import os
 import re
+import shlex
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,8 +35,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (HANG_TIMEOUT, ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok, data_args, good_rows,
-                      needs_peft, one_error, read_jsonl, run_script, subprocess_env)
+from conftest import (HANG_TIMEOUT, POSITIONS, ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok,
+                      checkpoint_names, data_args, good_rows, needs_peft, one_error, read_jsonl, run_script,
+                      subprocess_env)
 
 POLL_DEADLINE = HANG_TIMEOUT  # seconds; only a hung child gets near this (a shared CPU can be slow)
 
@@ -903,3 +910,420 @@ def test_trust_remote_code_is_passed_explicitly(grpo, tiny_bart_dir, monkeypatch
     for cls_name, recorded in calls.items():
         for kwargs in recorded:
             assert "trust_remote_code" in kwargs and kwargs["trust_remote_code"] is expected, (cls_name, kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Pre-emption (issue 19): Ctrl-C or SIGTERM stops at the next boundary in whatever phase it lands, saves the last
+# finished step and exits 128 + the signal; --resume=True continues exactly. First SFT: the resume goes on with SFT
+# --------------------------------------------------------------------------------------------------
+# The signal is sent by the run to itself from a monkeypatched function (the n-th call of sft_labels,
+# grpo_loss, compute_rewards or generate), so where it lands never depends on timing. Runs are
+# in-process (grpo.main) except where the printed command is the point.
+
+# 2 articles x 4 samples, micro-batches of 4 (two per update), mu = 2 (four grpo_loss calls per step), SFT of 3 steps
+# scored after step 2, GRPO steps 1-4 scored at 0, 2, 4; checkpoints only at the end, so every earlier one is a stop's.
+ARGS = ("--batch_size=2", "--group_size=4", "--micro_batch_size=4", "--max_new_tokens=8", "--max_source_length=64",
+        "--eval_samples=4", "--eval_batch_size=2", "--device=cpu", "--max_steps=4", "--eval_every=2",
+        "--save_every=100", "--num_iterations=2", "--learning_rate=1e-3", "--lr_scheduler=linear", "--warmup_steps=1",
+        "--sft_steps=3", "--sft_batch_size=4", "--sft_learning_rate=1e-2", "--sft_eval_every=2", "--seed=5")
+NO_SFT = ("--sft_steps=0", "--sft_eval_every=0")
+LOSS_CALLS_PER_STEP = 4  # num_iterations x micro-batches
+TIMING_KEYS = ("time", "seconds")  # metrics that are wall-clock times, not numbers of the run
+
+
+def flags(tiny_bart_dir, data_files, out: Path, *extra: str) -> list[str]:
+    return [f"--model_name={tiny_bart_dir}", *data_args(data_files), *ARGS, f"--output_dir={out}", *extra]
+
+
+def signal_on_call(monkeypatch, grpo, name: str, call: int, signal_number=signal.SIGTERM) -> list[int]:
+    """Make the `call`-th call (1-based) of grpo.<name> send `signal_number` to this process before it runs. Returns
+    the call counter (a one-item list)."""
+    original, calls = getattr(grpo, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal_number)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, name, wrapper)
+    return calls
+
+
+def assert_same_run(resumed: Path, straight: Path) -> None:
+    """The resumed run wrote what the uninterrupted one did, bit for bit: every number of metrics.jsonl (wall-clock
+    times aside), eval.jsonl, sft_eval.jsonl and eval_predictions.jsonl, and the final weights."""
+    from safetensors.torch import load_file
+
+    def numbers(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in read_jsonl(path)]
+
+    for name in ("metrics.jsonl", "eval.jsonl", "sft_eval.jsonl", "eval_predictions.jsonl"):
+        assert numbers(resumed / name) == numbers(straight / name), name
+    assert any(m["kl"] > 0 for m in read_jsonl(straight / "metrics.jsonl")), "the policy never moved"
+    ours, theirs = (load_file(run / "final" / "model.safetensors") for run in (resumed, straight))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.fixture(scope="module")
+def straight(grpo, tiny_bart_dir, data_files, tmp_path_factory) -> Path:
+    """The run never stopped."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert grpo.main(flags(tiny_bart_dir, data_files, out)) == 0
+    return out
+
+
+def stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out: Path, name: str, call: int,
+                    signal_number=signal.SIGTERM) -> tuple[str, list[str]]:
+    """Run with a signal at the `call`-th call of grpo.<name>; check exit 128 + signal and the one stop line; then
+    resume (without the hook). Returns (the stopped run's stderr, the checkpoints it left)."""
+    calls = signal_on_call(monkeypatch, grpo, name, call, signal_number)
+    assert grpo.main(flags(tiny_bart_dir, data_files, out)) == 128 + signal_number
+    stopped = capsys.readouterr().err
+    assert calls[0] >= call and "Traceback" not in stopped, stopped
+    assert signal.Signals(signal_number).name in stopped and "Continue with: " in stopped, stopped
+    assert not (out / "final").exists()
+    saved = checkpoint_names(out)
+    monkeypatch.undo()
+    assert grpo.main(flags(tiny_bart_dir, data_files, out, "--resume=True")) == 0
+    resumed = capsys.readouterr().err
+    assert "Traceback" not in resumed, resumed
+    return stopped + resumed, saved
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_signal_in_an_sft_step(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files, tmp_path,
+                               signal_number):
+    """Landing in SFT step 1 (the first sft_labels call): the boundary after it saves SFT step 1."""
+    out = tmp_path / "run"
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "sft_labels", 1,
+                                    signal_number)
+    assert saved == ["sft_00000001.pt"]
+    assert "stopped at SFT step 1; checkpoint saved" in stderr and "at SFT step 1" in stderr, stderr
+    assert_same_run(out, straight)
+
+
+def test_signal_in_the_sft_evaluation(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files, tmp_path):
+    """Landing in the first batch of the evaluation after SFT step 2: step 2 is saved with the evaluation pending,
+    and the resumed run does that evaluation again (sft_eval.jsonl ends as the uninterrupted run's)."""
+    out = tmp_path / "run"
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "generate", 1)
+    assert saved == ["sft_00000002.pt"]
+    assert "stopped at SFT step 2" in stderr and [r["sft_step"] for r in read_jsonl(out / "sft_eval.jsonl")] == [2]
+    assert_same_run(out, straight)
+
+
+def test_a_crash_after_sft_resumes_from_the_periodic_sft_checkpoint(grpo, monkeypatch, capsys, straight,
+                                                                    tiny_bart_dir, data_files, tmp_path):
+    """SFT writes sft_N.pt every save_every SFT steps, like GRPO's checkpoints, so a run killed without a signal (here
+    an exception in GRPO's first loss, after step 0's evaluation was logged) resumes from SFT step 2: SFT goes on,
+    the GRPO logs the dead run wrote are dropped, and the run ends as the uninterrupted one."""
+    out = tmp_path / "run"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(grpo, "grpo_loss", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        grpo.main(flags(tiny_bart_dir, data_files, out, "--save_every=2"))
+    assert checkpoint_names(out) == ["sft_00000002.pt"] and read_jsonl(out / "eval.jsonl")[0]["step"] == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert grpo.main(flags(tiny_bart_dir, data_files, out, "--save_every=2", "--resume=True")) == 0
+    assert "at SFT step 2" in capsys.readouterr().err
+    assert_same_run(out, straight)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Pre-emption in GRPO: a signal inside a step (reward, update) or an evaluation
+# --------------------------------------------------------------------------------------------------
+def test_signal_in_the_reward_drops_the_step(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files, tmp_path):
+    """Landing in step 3's reward: the rollout ends, step 3 is dropped at the next boundary, step 2 is saved."""
+    out = tmp_path / "run"
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "compute_rewards", 3)
+    assert saved[-1] == "step_00000002.pt" and "stopped at step 2" in stderr, stderr
+    assert_same_run(out, straight)
+
+
+def test_signal_between_micro_batches_of_the_update(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files,
+                                                     tmp_path):
+    """Landing in step 3's first micro-batch: the update stops before the second one, the weights untouched by
+    step 3, and step 2 is saved."""
+    out = tmp_path / "run"
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "grpo_loss",
+                                    2 * LOSS_CALLS_PER_STEP + 1)
+    assert saved[-1] == "step_00000002.pt" and "stopped at step 2" in stderr, stderr
+    assert_same_run(out, straight)
+
+
+def test_signal_after_the_first_optimizer_step_finishes_the_step(grpo, monkeypatch, capsys, straight, tiny_bart_dir,
+                                                                 data_files, tmp_path):
+    """Landing in step 3's second update (mu = 2): the weights have moved, so step 3 runs to its end and is saved."""
+    out = tmp_path / "run"
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "grpo_loss",
+                                    2 * LOSS_CALLS_PER_STEP + 3)
+    assert saved[-1] == "step_00000003.pt" and "stopped at step 3" in stderr, stderr
+    assert_same_run(out, straight)
+
+
+@pytest.mark.parametrize("call, step", [(3, 0), (5, 2)], ids=["step_0", "step_2"])
+def test_signal_in_an_evaluation_redoes_it(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files, tmp_path,
+                                           call, step):
+    """Landing in the first batch of the evaluation after step 0 or step 2 (generate runs twice per evaluation, SFT's
+    first: calls 1-2, then step 0's 3-4, step 2's 5-6): that step is finished and saved; the resumed run evaluates
+    it again, so eval.jsonl holds each step once, as the uninterrupted run's."""
+    out = tmp_path / "run"
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "generate", call)
+    assert saved[-1] == f"step_{step:08d}.pt" and f"stopped at step {step};" in stderr, stderr
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 4]
+    assert_same_run(out, straight)
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Resume checks: process count, --max_steps below the checkpoint, fewer GPUs
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_step_run(grpo, tiny_bart_dir, data_files, tmp_path_factory) -> Path:
+    """A finished 2-step run without SFT, with a checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
+    assert grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=2", *NO_SFT, "--save_every=2")) == 0
+    return out
+
+
+def test_resume_under_another_process_count_is_refused_in_one_line(grpo, capsys, two_step_run, tiny_bart_dir,
+                                                                     data_files, tmp_path):
+    """A checkpoint of 2 processes (its world_size rewritten here: no torchrun needed) does not resume under 1."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    path = out / "checkpoints" / "step_00000002.pt"
+    payload = torch.load(path, weights_only=False)
+    assert payload["world_size"] == 1
+    payload["world_size"] = 2
+    torch.save(payload, path)
+    code = grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=2", *NO_SFT, "--save_every=2",
+                           "--resume=True"))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == grpo.ConfigError.exit_code and len(errors) == 1, errors
+    assert "processes (torchrun --nproc_per_node, all nodes): 2 -> 1" in errors[0], errors
+
+
+def test_max_steps_below_the_checkpoint_says_so(grpo, capsys, two_step_run, tiny_bart_dir, data_files, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    code = grpo.main(flags(tiny_bart_dir, data_files, out, "--max_steps=1", *NO_SFT, "--save_every=2",
+                           "--resume=True"))
+    stderr = capsys.readouterr().err
+    assert code == 0, stderr
+    lines = [line for line in stderr.splitlines() if "below the checkpoint's step" in line]
+    assert lines == ["note: --max_steps=1 is below the checkpoint's step 2: no step to run"], stderr
+
+
+def test_fewer_gpus_than_saved_random_states(grpo, monkeypatch):
+    """No GPU needed: torch.cuda is monkeypatched to show 1 device, the state holds 3."""
+    restored, logged = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = {**grpo.rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8) + i for i in range(3)]}
+    grpo.set_rng_state(state, logged.append)
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], state["cuda"][0])
+    assert len(logged) == 1 and "3 GPUs and 1 are visible" in logged[0], logged
+    grpo.set_rng_state({**state, "cuda": state["cuda"][:1]}, logged.append)  # as many as visible: no note
+    assert len(logged) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. The printed continue command, pasted as is
+# --------------------------------------------------------------------------------------------------
+def test_continue_command_quotes_and_names_the_launcher(grpo):
+    argv = ["scripts/my grpo.py", "--source_prefix=it's a summary: ", "--resume", "--max_steps=3"]
+    plain = grpo.continue_command(argv, {})
+    assert shlex.split(plain) == ["python", "scripts/my grpo.py", "--source_prefix=it's a summary: ", "--max_steps=3",
+                                  "--resume=True"]
+    torchrun = grpo.continue_command(argv, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"})
+    assert shlex.split(torchrun)[:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
+    nodes = grpo.continue_command(argv, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})
+    assert "--nnodes=2 --nproc_per_node=4" in nodes and "rendezvous" in nodes
+
+
+def test_pasted_continue_command_resumes(tiny_bart_dir, data_files, tmp_path):
+    """A subprocess stopped by SIGTERM (sent by itself from a wrapper, at the first reward of step 2) prints a command
+    with a quoted --source_prefix (a space and an apostrophe); run through bash as printed, it resumes and finishes."""
+    wrapper = tmp_path / "stop_once.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(SCRIPT.parent)!r})
+        import grpo_encoder_decoder_summarization as grpo
+        original, calls = grpo.compute_rewards, [0]
+        def compute_rewards(*args):
+            calls[0] += 1
+            if calls[0] == 2 and not any(a.startswith("--resume") for a in sys.argv):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args)
+        grpo.compute_rewards = compute_rewards
+        sys.exit(grpo.main())
+    """))
+    out = tmp_path / "run dir"
+    args = [f"--model_name={tiny_bart_dir}", *data_args(data_files), *ARGS, *NO_SFT, "--max_steps=2",
+            "--source_prefix=it's a summary: ", f"--output_dir={out}"]
+    stopped = subprocess.run([sys.executable, str(wrapper), *args], cwd=tmp_path, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr
+    lines = [line for line in stopped.stderr.splitlines() if "Continue with: " in line]
+    assert len(lines) == 1, stopped.stderr
+    command = lines[0].split("Continue with: ", 1)[1]
+    assert shlex.split(command)[:2] == ["python", str(wrapper)] and shlex.split(command)[-1] == "--resume=True"
+    env = subprocess_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    check_ok(resumed)
+    assert "resumed from" in resumed.stderr and "at step 1" in resumed.stderr, resumed.stderr
+    assert json.loads((out / "run_config.json").read_text())["source_prefix"] == "it's a summary: "
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. Start checks (issue 20): a run at exactly the model's positions, truncation counted over both splits
+# at the start, no minute of retries when the hub is unreachable, an architecture that loads but cannot
+# sample is one line
+# --------------------------------------------------------------------------------------------------
+def test_a_run_at_exactly_the_positions_trains(short_bart_dir, data_files, tmp_path):
+    """The untrained model samples up to max_new_tokens = the decoder's positions, articles are cut to the
+    encoder's: the run ends without an index error (the limit is not off by one)."""
+    train, validation = data_files
+    result = run_script(f"--model_name={short_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                        f"--output_dir={tmp_path / 'run'}", "--device=cpu", f"--max_source_length={POSITIONS}",
+                        f"--max_new_tokens={POSITIONS}", "--max_steps=1", "--batch_size=2", "--group_size=2",
+                        "--micro_batch_size=4", "--eval_samples=2", "--sft_steps=1", "--sft_batch_size=2",
+                        timeout=300)
+    check_ok(result)
+    lengths = result.stderr.index("lengths: --max_source_length=64 cuts ")  # item 3: said first
+    assert lengths < result.stderr.index("sft: 1 steps") < result.stderr.index("eval step 0")
+
+
+def test_lengths_are_counted_over_both_splits_at_the_start(grpo, tiny_bart_dir):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bart_dir)  # one token per word, plus <s> and </s>
+    assert len(tokenizer("a b c")["input_ids"]) == 5 and len(tokenizer(text_target="a b c")["input_ids"]) == 5
+    words = lambda n: " ".join(["town"] * n)  # noqa: E731
+    train = datasets.Dataset.from_list([{"article": words(n), "highlights": words(s)} for n, s in ((3, 3), (10, 4), (20, 1))])
+    held_out = datasets.Dataset.from_list([{"article": words(5), "highlights": words(9)}])
+    messages = []
+    config = grpo.Config(max_source_length=6, max_new_tokens=5)
+    grpo.log_lengths(config, tokenizer, messages.append, {"training": train, "held-out": held_out})
+    # articles of 5, 12, 22 tokens: two cut, by 6 and 16; held out 7 tokens: cut by 1; summaries of 5, 6, 3, 11 tokens
+    assert messages == ["lengths: --max_source_length=6 cuts 2 of 3 training articles by 11 tokens on average (at most "
+                        "16); 1 of 1 held-out articles by 1 tokens on average (at most 1); 2 of 4 reference summaries "
+                        "are longer than --max_new_tokens=5 tokens"]
+    grpo.log_lengths(dataclasses.replace(config, source_prefix="summarize: "), tokenizer, messages.append,
+                     {"training": train.select([0])})  # the prefix counts: 2 more words
+    assert messages[-1].startswith("lengths: --max_source_length=6 cuts 1 of 1 training articles by 1 tokens")
+
+
+def test_an_unreachable_hub_switches_to_offline_mode_at_once(grpo, monkeypatch, capsys):
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                 "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def refused(address, timeout):
+        calls.append((address, timeout))
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    grpo.go_offline_if_hub_unreachable(grpo.Config())  # the hub model and dataset
+    assert calls == [(("huggingface.co", 443), grpo.HUB_PROBE_SECONDS)]
+    assert grpo.hub_offline() and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert "unreachable" in capsys.readouterr().err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls.clear()
+    grpo.go_offline_if_hub_unreachable(grpo.Config(demo=True))  # the demo needs no hub: no probe
+    assert calls == [] and not grpo.hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_switch_transformers_fail_in_one_line_at_the_start(grpo, tmp_path, data_files, capsys):
+    from transformers import ByT5Tokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    model_dir = tmp_path / "switch"
+    tokenizer = ByT5Tokenizer()
+    config = SwitchTransformersConfig(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                      num_heads=2, num_experts=2, expert_capacity=4, decoder_start_token_id=0,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    SwitchTransformersForConditionalGeneration(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train, validation = data_files
+    out = tmp_path / "run"
+    assert grpo.main([f"--model_name={model_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                      f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: switch_transformers models load but cannot run") and "router_logits" in error
+    assert not (out / "run_config.json").exists()
+
+
+def test_the_start_check_keeps_the_random_state(grpo, tiny_t5_dir):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), AutoTokenizer.from_pretrained(tiny_t5_dir)
+    model.train()
+    torch.manual_seed(3)
+    grpo.check_model_runs(model, tokenizer, torch.device("cpu"))
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(3)) and model.training  # same draws after it; the mode restored
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. Smaller: the punkt note on rank 0 only, "1 training row", UTF-8 JSONL, --max_steps=0's last lines
+# --------------------------------------------------------------------------------------------------
+def test_punkt_note_is_printed_by_the_first_process_only(grpo, monkeypatch, capsys):
+    import nltk
+
+    def missing(*args, **kwargs):
+        raise LookupError("no punkt_tab")
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        grpo.have_punkt.cache_clear()
+        assert grpo.have_punkt() is False
+        assert ("punkt_tab is not installed" in capsys.readouterr().err) is printed
+    grpo.have_punkt.cache_clear()
+
+
+def test_one_held_out_row_is_singular_and_jsonl_is_utf8(grpo, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"article": f"статья {i}", "highlights": "итог"}) + "\n" for i in range(5)),
+                     encoding="utf-8")
+    messages = []
+    grpo.load_data(grpo.Config(train_file=str(train)), messages.append)
+    assert "no --validation_file: holding out 1 training row for evaluation" in messages
+    path = tmp_path / "out.jsonl"
+    grpo.append_jsonl(str(path), {"prediction": "Привет мир"})
+    grpo.write_jsonl_atomic(str(tmp_path / "all.jsonl"), [{"prediction": "Привет"}])
+    assert "Привет мир" in path.read_text(encoding="utf-8") and "Привет" in (tmp_path / "all.jsonl").read_text("utf-8")
+
+
+def test_max_steps_0_names_only_files_that_exist(tiny_t5_dir, data_files, tmp_path):
+    train, validation = data_files
+    out = tmp_path / "run"
+    result = run_script(f"--model_name={tiny_t5_dir}", f"--train_file={train}", f"--validation_file={validation}",
+                        f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8",
+                        "--max_steps=0", "--eval_samples=2", timeout=300)
+    check_ok(result)
+    assert "metrics.jsonl" not in result.stderr and not (out / "metrics.jsonl").exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"open: {out}/final (the model), {out}/eval.jsonl (held-out scores)"
+    assert (out / "final").is_dir() and (out / "eval.jsonl").exists()
