@@ -290,7 +290,7 @@ def static_pegasus(seed=0):
     return model
 
 
-MODELS = {  # model, eos, pad
+STATIC_MODELS = {  # model, eos, pad
     "t5_more_decoder_layers": lambda: (unequal_t5(), 1, 0),
     "bart_more_decoder_layers": lambda: (unequal_bart(), 2, 1),
     "bart_forced_bos": lambda: (tiny_bart(forced_bos=0), 2, 1),
@@ -306,9 +306,9 @@ def sample(grpo, model, eos, pad, step_function, seed=0, length=9, greedy=False)
                                    step_function=step_function)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(STATIC_MODELS))
 def test_static_step_equals_decoder_step(grpo, name):
-    model, eos, pad = MODELS[name]()
+    model, eos, pad = STATIC_MODELS[name]()
     expected = sample(grpo, model, eos, pad, grpo.decoder_step)
     static = sample(grpo, model, eos, pad, grpo.StaticCacheDecoderStep(10))
     assert torch.equal(static[0], expected[0])
@@ -351,9 +351,9 @@ def assert_same_samples(results, expected, atol=1e-5):
         torch.testing.assert_close(logprobs, expected_logprobs, atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(STATIC_MODELS))
 def test_padded_static_buffers_equal_decoder_step_over_rollouts_of_different_lengths(grpo, name):
-    model, eos, pad = MODELS[name]()
+    model, eos, pad = STATIC_MODELS[name]()
     step = grpo.StaticCacheDecoderStep(10, max_source_length=max(LENGTHS))
     results = rollouts(grpo, model, eos, pad, step)
     assert_same_samples(results, rollouts(grpo, model, eos, pad, grpo.decoder_step))
@@ -389,7 +389,7 @@ def test_compiled_step_is_one_graph_for_all_lengths_whose_only_per_step_input_is
     break, and every graph input but the token a static address (the buffers, the weights); same samples."""
     import torch._dynamo
 
-    model, eos, pad = MODELS[name]()
+    model, eos, pad = STATIC_MODELS[name]()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     recorder = GraphRecorder()
