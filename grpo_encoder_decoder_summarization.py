@@ -1326,11 +1326,18 @@ def evaluate_and_log(run: Run, step: int) -> None:
 def save_run_checkpoint(run: Run, rng: dict | None = None) -> str:
     """checkpoints/step_N.pt with every process's random state (now, or `rng`: the state a finished step left), rank 0
     writes it. Returns what it saved, for the log ("step N")."""
-    rng_states = run.dist.gather_in_order([(run.dist.rank, rng_state() if rng is None else rng)])
-    if run.dist.is_main:
-        save_checkpoint(run.config.output_dir, run.policy, run.optimizer, run.scheduler, run.state, rng_states,
-                        run.config.keep_checkpoints, run.config, run.dist.world_size)
+    save_gathered_checkpoint(run.config, run.dist, run.policy, run.optimizer, run.scheduler, run.state,
+                             rng_state() if rng is None else rng)
     return f"step {run.state.step}"
+
+
+def save_gathered_checkpoint(config: Config, dist: "Distributed", policy, optimizer, scheduler, state: TrainerState,
+                             rng: dict) -> None:
+    """save_checkpoint with every process's random state `rng` gathered (every process calls it; rank 0 writes)."""
+    rng_states = dist.gather_in_order([(dist.rank, rng)])
+    if dist.is_main:
+        save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints,
+                        config, dist.world_size)
 
 
 def finished_step(run: Run) -> None:
@@ -1764,7 +1771,8 @@ def check_model_runs(policy, tokenizer, device) -> None:
     but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run."""
     encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy), \
+                torch.no_grad():
             sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
                                               tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
                                               with_logprobs=False)
@@ -2457,10 +2465,7 @@ def finished_sft_step(step: int, loss: float, evaluation_due: bool, policy, opti
     steps). The last SFT step is no boundary (GRPO's first one follows soon, with its own checkpoint)."""
     def save(rng: dict) -> str:
         state = TrainerState(sft_step=step, sft_loss=loss, evaluation_pending=evaluation_due)
-        rng_states = dist.gather_in_order([(dist.rank, rng)])
-        if dist.is_main:
-            save_checkpoint(config.output_dir, policy, optimizer, scheduler, state, rng_states, config.keep_checkpoints,
-                            config, dist.world_size)
+        save_gathered_checkpoint(config, dist, policy, optimizer, scheduler, state, rng)
         return f"SFT step {step}"
 
     mark_finished(save)
