@@ -110,6 +110,7 @@ class Config:
     rougeL_weight: float = 0.0  # weight of ROUGE-L F1 in the reward
     rougeLsum_weight: float = 1.0  # weight of ROUGE-Lsum F1 in the reward
     rouge_tokenizer: str = "default"  # default: rouge_score's (a-z0-9); unicode: any script, not the papers' English ROUGE
+    invented_fact_penalty: float = 0.0  # lambda: reward minus lambda per name or number not in the article; 0: off
     # GRPO update
     learning_rate: float = 1e-6  # AdamW learning rate of the GRPO phase
     weight_decay: float = 0.0  # AdamW weight decay
@@ -409,7 +410,8 @@ def sample_completions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return torch.cat([start, completion_ids[:, :length]], dim=1), logprobs
 
 
-def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer) -> tuple[Rollout, dict]:
+def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, timer,
+                 names: frozenset[str] = frozenset()) -> tuple[Rollout, dict]:
     """Sample G summaries per article, reward them, and compute the group advantages (once per rollout)."""
     encoded, truncated_articles = tokenize_articles(tokenizer, batch_rows[config.text_column], config, device)
     with timer("time_generate"), autocast(device), eval_mode(policy):
@@ -427,8 +429,8 @@ def rollout_step(policy, tokenizer, batch_rows: dict, config: Config, device, ti
                                            skip_special_tokens=True)
         references = [ref for ref in batch_rows[config.summary_column] for _ in range(config.group_size)]
         articles = [text for text in batch_rows[config.text_column] for _ in range(config.group_size)]
-        rewards = torch.tensor(checked_rewards(compute_rewards(summaries, references, articles, config), summaries),
-                               dtype=torch.float32, device=device)
+        rewards = compute_rewards(summaries, references, articles, config, names)
+        rewards = torch.tensor(checked_rewards(rewards, summaries), dtype=torch.float32, device=device)
         advantages = group_advantages(rewards, config.group_size, scale=config.scale_rewards,
                                       batch_std=batch_reward_std(rewards) if config.scale_rewards == "batch" else None)
     if config.mask_truncated_completions:
@@ -510,13 +512,13 @@ def grpo_update(policy_forward, optimizer, scheduler, rollout: Rollout, config: 
 # GRPO step 4/4: rollout, reference (and old) log-probs, update
 # --------------------------------------------------------------------------------------------------
 def grpo_step(policy, policy_forward, reference_forward, tokenizer, rows: dict, optimizer, scheduler,
-              config: Config, device) -> dict:
+              config: Config, device, names: frozenset[str] = frozenset()) -> dict:
     """One GRPO step on a batch of articles: rollout and rewards, reference (and old) log-probs, mu updates.
 
     Returns this process's numbers for metrics.jsonl (with the seconds of each phase), and its samples.
     """
     timer, started = PhaseTimer(device), time.perf_counter()
-    rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer)
+    rollout, rollout_stats = rollout_step(policy, tokenizer, rows, config, device, timer, names)
     stop_point()  # a boundary: after Ctrl-C or SIGTERM the run stops here (see StopRequest)
     with timer("time_reference"):
         rollout.ref_logprobs = sequence_logprobs_no_grad(reference_forward, rollout, config, device)
@@ -628,20 +630,32 @@ def decoder_start_token_id(model) -> int:
 # --------------------------------------------------------------------------------------------------
 # THE REWARD: edit compute_rewards to change what GRPO optimizes (e.g. add a length penalty)
 # --------------------------------------------------------------------------------------------------
-def compute_rewards(predictions: list[str], references: list[str], articles: list[str], config: Config) -> list[float]:
+def compute_rewards(predictions: list[str], references: list[str], articles: list[str], config: Config,
+                    names: frozenset[str] = frozenset()) -> list[float]:
     """The reward of each sampled summary. This is the one place to plug in another reward.
 
     Contract:
       inputs   predictions[i] is a summary sampled for articles[i], whose reference summary is references[i];
                the G samples of an article are consecutive and share its article and reference.
-               config is the run's Config (for weights or other settings you add to it).
+               config is the run's Config (for weights or other settings you add to it); names: see below.
       output   one finite float per prediction, larger is better. Advantages compare the G samples of an
                article, so a constant offset changes nothing (with --scale_rewards=batch the spread between
                articles sets the scale; with group or none only differences within a group matter).
       called   once per rollout, on every process for its own articles, never inside the mu updates.
     Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
+    With --invented_fact_penalty=lambda > 0, minus lambda * the number of the summary's invented facts: its numbers
+    and names whose word is not in its article (invented_facts, the evaluation's own measure). A name is a word the
+    summary capitalises inside a sentence, or one of `names` (the run's name_lexicon of the training texts, so a
+    lowercased summary's names count too). A count, not a share: a correct fact costs nothing, so ROUGE keeps
+    pulling facts in and a vaguer summary does not hide an invented one. It misses names it cannot recognise
+    (lowercased and never seen capitalised, or also a common word), numbers written otherwise ("1,200" is the facts
+    1 and 200; "twelve" is no fact), and right words in a wrong place (the article's loser named as the winner).
     """
-    return rouge_rewards(predictions, references, reward_weights(config), config.rouge_tokenizer)
+    rewards = rouge_rewards(predictions, references, reward_weights(config), config.rouge_tokenizer)
+    if config.invented_fact_penalty:
+        rewards = [reward - config.invented_fact_penalty * len(invented_facts(prediction, article, names))
+                   for reward, prediction, article in zip(rewards, predictions, articles)]
+    return rewards
 
 
 def reward_weights(config: Config) -> dict[str, float]:
@@ -801,7 +815,7 @@ def train(config: Config, given: set[str] = frozenset()) -> int:
             rows = run.train_rows[indices]
             # 2. GRPO: sample G summaries per article, reward them, score them under pi_ref, update pi_theta
             numbers = grpo_step(run.policy, run.policy_forward, run.reference_forward, run.tokenizer, rows,
-                                run.optimizer, run.scheduler, config, dist.device)
+                                run.optimizer, run.scheduler, config, dist.device, run.fact_names)
             # 3. log: metrics.jsonl (and trackers, completions.jsonl); stop after too many NaN steps in a row
             metrics = log_step(run, step, indices, rows, numbers)
             progress.update(1)
@@ -868,6 +882,8 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
               optimizer, scheduler, TrainerState(), None)
     if checkpoint:
         resume_run(run, checkpoint)
+    if config.invented_fact_penalty:  # the reward's names, learned once from the training articles and references
+        run.fact_names = name_lexicon((*train_rows[config.text_column], *train_rows[config.summary_column]))
     run.trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), run.state.step + 1)
     return run
 
@@ -1227,6 +1243,7 @@ class Run:
     scheduler: typing.Any
     state: TrainerState
     trackers: "Trackers"
+    fact_names: frozenset[str] = frozenset()  # --invented_fact_penalty: the training texts' names (name_lexicon)
 
 
 def checkpoint_to_resume(config: Config, dist: "Distributed", log) -> str | None:
@@ -1388,6 +1405,7 @@ def finish_run(run: Run) -> None:
     if config.demo:  # the control: the same start, trained max_steps more SFT steps instead of GRPO
         control, control_per_article, control_curve = demo_control(config, run.train_rows, run.held_out,
                                                                    dist.device, dist, log)
+        demo_fact_penalty(config, log)  # and the same GRPO steps with --invented_fact_penalty on
         if dist.is_main:
             report_demo(config, control, control_per_article, control_curve)
     log(files_to_open(config))
@@ -1607,6 +1625,8 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
         (min(config.rouge1_weight, config.rouge2_weight, config.rougeL_weight, config.rougeLsum_weight) >= 0
          and config.rouge1_weight + config.rouge2_weight + config.rougeL_weight + config.rougeLsum_weight > 0,
          "the rouge*_weight flags must be >= 0 and not all 0"),
+        (math.isfinite(config.invented_fact_penalty) and config.invented_fact_penalty >= 0,
+         "--invented_fact_penalty must be a finite number >= 0 (0: off)"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "--device must be auto, cpu, cuda or cuda:N"),
         (config.lr_scheduler in schedules,
          f"--lr_scheduler={config.lr_scheduler} is not a schedule this script can use; one of: {', '.join(schedules)}"),
@@ -2198,34 +2218,48 @@ def summary_entities(text: str) -> set[str]:
     return entities
 
 
+def name_lexicon(texts) -> frozenset[str]:
+    """Proper names, lowercased: the words the texts write capitalised inside a sentence and never in lowercase."""
+    lowercase = {w for text in texts for w in re.findall(r"\w+", text) if w.islower()}
+    return frozenset({w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase)
+
+
+def summary_facts(summary: str, names: frozenset[str]) -> set[str]:
+    """The summary's facts, lowercased: its numbers (runs of digits: "1,200" is 1 and 200), its capitalised words
+    inside a sentence, and its words among `names` (so a lowercased summary's names count)."""
+    return summary_entities(summary) | ({w.lower() for w in re.findall(r"\w+", summary)} & names)
+
+
+def invented_facts(summary: str, article: str, names: frozenset[str]) -> set[str]:
+    """The summary's facts whose word is not in its article: names and numbers made up. The evaluation's
+    invented_entities and invented_summaries, and the reward's --invented_fact_penalty, count these."""
+    return summary_facts(summary, names) - {w.lower() for w in re.findall(r"\w+", article)}
+
+
 def summary_quality(predictions: list[str], references: list[str], articles: list[str]) -> dict[str, float]:
     """Content and reward-hacking measures of summaries (words and punctuation are runs of \\w / of other
     non-space characters), each averaged over the summaries:
 
       entity_recall        share of the reference's entities (summary_entities) found among the summary's words,
                            averaged over the summaries whose reference has entities (None if none has)
-      invented_entities    share of the summary's entities whose word is not in the article: facts made up. Its
-                           entities are its numbers and names: its own capitalised words inside a sentence, and
-                           the words that the articles and references scored with it write capitalised inside a
-                           sentence and never in lowercase, so names are caught in lowercased summaries too
-      invented_summaries   share of the summaries with at least one such invented entity
+      invented_entities    share of the summary's facts (summary_facts, with the names of the articles and
+                           references scored with it) that are invented_facts: not in the article, made up
+      invented_summaries   share of the summaries with at least one invented fact
       repeated_trigrams    share of the summary's word 3-grams that already occurred earlier in it: loops
       punctuation_fraction share of the summary's tokens that are punctuation: " . . . ." padding costs no ROUGE
       trailing_punctuation punctuation runs after the last word, minus 1 (0 for one ".", "..." or "%."; 3 for ". . . .")
       top_summary_share    share of all summaries equal to the most common one: collapse to a few strings
     """
     totals, recalled = Counter(), []
-    texts = (*articles, *references)  # proper names: capitalised inside a sentence, never written in lowercase
-    lowercase = {w for text in texts for w in re.findall(r"\w+", text) if w.islower()}
-    names = {w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase
+    names = name_lexicon((*articles, *references))
     for prediction, reference, article in zip(predictions, references, articles):
         words = {w.lower() for w in re.findall(r"\w+", prediction)}
-        wanted, made = summary_entities(reference), summary_entities(prediction) | (words & names)
-        article_words = {w.lower() for w in re.findall(r"\w+", article)}
+        wanted, made = summary_entities(reference), summary_facts(prediction, names)
+        invented = invented_facts(prediction, article, names)
         if wanted:  # a reference without entities leaves the summary out of the mean
             recalled.append(len(wanted & words) / len(wanted))
-        totals["invented_entities"] += len(made - article_words) / len(made) if made else 0.0
-        totals["invented_summaries"] += bool(made - article_words)
+        totals["invented_entities"] += len(invented) / len(made) if made else 0.0
+        totals["invented_summaries"] += bool(invented)
         trigrams = list(zip(*(re.findall(r"\w+", prediction.lower())[i:] for i in range(3))))
         totals["repeated_trigrams"] += (len(trigrams) - len(set(trigrams))) / len(trigrams) if trigrams else 0.0
         tokens = re.findall(r"\w+|[^\w\s]+", prediction)  # punctuation runs: "..." and "%." are one each
@@ -2724,7 +2758,8 @@ def setup_distributed(config: Config) -> Distributed:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not torch.distributed.is_initialized():  # the demo's grpo_fact_penalty row is a second run in the group
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(rank, world_size, device)
 
 
@@ -3296,7 +3331,14 @@ COMPARISON_KEYS = (*ROUGE_KEYS, "gen_length", "ref_length", "distinct_fraction",
                    "invented_summaries", "repeated_trigrams", "punctuation_fraction", "trailing_punctuation",
                    "top_summary_share")
 DEMO_REPORT_KEYS = ("curves", "grpo_minus_control", "grpo_minus_start", "control_minus_start", "best_sft_rougeL",
-                    "grpo_minus_best_sft_rougeL")  # what report_demo writes beside the rows and steps
+                    "grpo_minus_best_sft_rougeL", "invented_fact_penalty", "grpo_fact_penalty_minus_grpo",
+                    "grpo_fact_penalty_minus_control")  # what report_demo writes beside the rows and steps
+DEMO_ROWS = ("start", "control", "grpo", "grpo_fact_penalty")  # the rows of the demo's table
+# lambda of the grpo_fact_penalty row, chosen on training articles only: the seed-0 start sampled G=8 summaries (T=0.7)
+# for 200 training articles its 150 GRPO steps never draw; 0.8 is the smallest of 0.025, 0.05, ..., 1.6 at which no
+# group's top-reward sample (where GRPO moves the policy) has an invented fact if one of its samples has none
+DEMO_FACT_PENALTY = 0.8
+FACT_PENALTY_DIR = "fact_penalty"  # the grpo_fact_penalty row's run, inside the demo's output_dir
 CURVE_KEYS = ("rougeL", "entity_recall", "distinct_fraction")  # per evaluation in comparison.json's curves
 
 
@@ -3320,22 +3362,42 @@ def demo_control(config: Config, train_rows, held_out, device, dist: "Distribute
     return metrics, per_article, curve
 
 
+def demo_fact_penalty(config: Config, log) -> None:
+    """The grpo_fact_penalty row of the demo: the same start (output_dir/reference) and the same max_steps GRPO
+    steps (articles, seed, settings) as the grpo row, with --invented_fact_penalty=DEMO_FACT_PENALTY, run as a plain
+    GRPO run in output_dir/fact_penalty (its eval.jsonl and eval_predictions.jsonl feed report_demo)."""
+    directory = os.path.join(config.output_dir, FACT_PENALTY_DIR)
+    penalized = dataclasses.replace(config, output_dir=directory, model_name=os.path.join(config.output_dir, "reference"),
+                                    sft_steps=0, sft_eval_every=0, demo=False, demo_seeds=1,
+                                    invented_fact_penalty=DEMO_FACT_PENALTY, overwrite_output_dir=True,
+                                    resume=config.resume and bool(checkpoint_files(directory)))
+    log(f"grpo_fact_penalty: the start + {config.max_steps} GRPO steps with --invented_fact_penalty="
+        f"{DEMO_FACT_PENALTY}, in {directory}")
+    code = train(penalized)
+    if code != 0:  # stopped by Ctrl-C or SIGTERM: --resume=True continues it
+        raise SystemExit(code)
+
+
 def report_demo(config: Config, control: dict, control_per_article: list[dict], control_curve: list[dict]) -> dict:
-    """Write comparison.json: the start, control and grpo rows and steps; the held-out curves (along SFT up to the
-    start, then along the control's and GRPO's steps); the paired bootstrap on the same articles of GRPO minus the
-    control, GRPO minus the start, and the control minus the start (does more SFT still help?). Print the table,
-    the curves and three held-out examples."""
+    """Write comparison.json: the start, control, grpo and grpo_fact_penalty rows and steps; the held-out curves
+    (along SFT up to the start, then along the control's and both GRPO runs' steps); the paired bootstrap on the
+    same articles of GRPO minus the control, GRPO minus the start, the control minus the start (does more SFT
+    still help?), and grpo_fact_penalty minus GRPO and minus the control. Print the table, the curves and three
+    held-out examples."""
     def read(name):
         with open(os.path.join(config.output_dir, name), encoding="utf-8") as file:
             return [json.loads(line) for line in file]
 
     evals, examples = read("eval.jsonl"), read("eval_examples.jsonl")
+    penalized_evals = read(os.path.join(FACT_PENALTY_DIR, "eval.jsonl"))
     before, after = evals[0], evals[-1]
-    rows = {"start": before, "control": control, "grpo": after}
+    rows = {"start": before, "control": control, "grpo": after, "grpo_fact_penalty": penalized_evals[-1]}
     comparison = {name: {key: row[key] for key in COMPARISON_KEYS} for name, row in rows.items()}
     predictions = read("eval_predictions.jsonl")
     grpo_per_article = [r for r in predictions if r["step"] == after["step"]]
     start_per_article = [r for r in predictions if r["step"] == before["step"]]
+    penalized_per_article = [r for r in read(os.path.join(FACT_PENALTY_DIR, "eval_predictions.jsonl"))
+                             if r["step"] == after["step"]]
 
     def point(step, metrics):
         return {"step": step, **{key: metrics[key] for key in CURVE_KEYS}}
@@ -3345,41 +3407,49 @@ def report_demo(config: Config, control: dict, control_per_article: list[dict], 
     curves = {"sft": [point(r["sft_step"], r) for r in sft_evaluations] + [point(config.sft_steps, before)],
               "control": [point(0, before)] + [point(r["sft_step"], r) for r in control_curve]
               + [point(after["step"], control)],
-              "grpo": [point(e["step"], e) for e in evals]}
+              "grpo": [point(e["step"], e) for e in evals],
+              "grpo_fact_penalty": [point(e["step"], e) for e in penalized_evals]}
     best_sft = max(p["rougeL"] for p in curves["sft"] + curves["control"])  # picked on held-out: favours SFT
     comparison.update(steps=after["step"], sft_steps=config.sft_steps, seed=config.seed,
+                      invented_fact_penalty=DEMO_FACT_PENALTY,  # of the grpo_fact_penalty row
                       torch_threads=torch.get_num_threads(), curves=curves, best_sft_rougeL=best_sft,
                       grpo_minus_best_sft_rougeL=after["rougeL"] - best_sft,
                       grpo_minus_control=paired_change(control_per_article, grpo_per_article, config.seed),
                       grpo_minus_start=paired_change(start_per_article, grpo_per_article, config.seed),
-                      control_minus_start=paired_change(start_per_article, control_per_article, config.seed))
+                      control_minus_start=paired_change(start_per_article, control_per_article, config.seed),
+                      grpo_fact_penalty_minus_grpo=paired_change(grpo_per_article, penalized_per_article, config.seed),
+                      grpo_fact_penalty_minus_control=paired_change(control_per_article, penalized_per_article,
+                                                                    config.seed))
     write_json_atomic(os.path.join(config.output_dir, "comparison.json"), comparison)
     write_jsonl_atomic(os.path.join(config.output_dir, "control_predictions.jsonl"), control_per_article)  # audit
     plot_comparison(config.output_dir, curves, config.sft_steps)
     print(f"\nheld-out greedy decoding on {config.eval_samples} synthetic articles, seed {config.seed}: start = "
           f"{config.sft_steps} SFT steps; control = start + {after['step']} SFT steps; grpo = start + "
-          f"{after['step']} GRPO steps")
+          f"{after['step']} GRPO steps; grpo_fact_penalty = the same with --invented_fact_penalty={DEMO_FACT_PENALTY}")
     print_comparison({name: {key: [value] for key, value in row.items()} for name, row in comparison.items()
                       if name in rows})
     print("held-out ROUGE-L along SFT (step: score; the last is the start): "
           + ", ".join(f"{p['step']}: {p['rougeL']:.4f}" for p in curves["sft"]))
-    for name in ("control", "grpo"):
+    for name in ("control", "grpo", "grpo_fact_penalty"):
         print(f"held-out ROUGE-L along the {name}'s steps after the start: "
               + ", ".join(f"{p['step']}: {p['rougeL']:.4f}" for p in curves[name]))
     print(f"best held-out ROUGE-L of any SFT checkpoint above (chosen on these articles, which favours SFT): "
           f"{best_sft:.4f}; grpo minus it: {after['rougeL'] - best_sft:+.4f}")
-    for name in ("grpo_minus_control", "grpo_minus_start", "control_minus_start"):
+    for name in ("grpo_minus_control", "grpo_minus_start", "control_minus_start", "grpo_fact_penalty_minus_grpo",
+                 "grpo_fact_penalty_minus_control"):
         change = comparison[name]
         print(f"{name}, paired bootstrap over the same {len(grpo_per_article)} articles, {CONFIDENCE_LEVEL:.0%} CI: "
               + "  ".join(f"{key} {change[f'{key}_change']:+.4f} [{change[f'{key}_change_ci_low']:+.4f}, "
                           f"{change[f'{key}_change_ci_high']:+.4f}]" for key in ("rougeL", "rouge1")))
     first = [e for e in examples if e["step"] == before["step"]]
     last = [e for e in examples if e["step"] == after["step"]]
-    for number, (old, new) in enumerate(zip(first, last), start=1):
+    penalized = [e for e in read(os.path.join(FACT_PENALTY_DIR, "eval_examples.jsonl")) if e["step"] == after["step"]]
+    for number, (old, new, fact) in enumerate(zip(first, last, penalized), start=1):
         print(f"\nexample {number}: {old['article'][:160]}...")
-        print(f"  reference:   {old['reference']!r}")
-        print(f"  before GRPO: {old['prediction']!r}")
-        print(f"  after GRPO:  {new['prediction']!r}")
+        print(f"  reference:    {old['reference']!r}")
+        print(f"  before GRPO:  {old['prediction']!r}")
+        print(f"  after GRPO:   {new['prediction']!r}")
+        print(f"  with penalty: {fact['prediction']!r}")
     return comparison
 
 
@@ -3396,7 +3466,7 @@ def plot_comparison(output_dir: str, curves: dict[str, list[dict]], sft_steps: i
                                                                    "entity recall (reference names and numbers)")):
         axis.plot([p["step"] for p in curves["sft"]], [p[key] for p in curves["sft"]], marker="o", color="grey",
                   label="SFT (to the start)")
-        for name, color in (("control", "tab:blue"), ("grpo", "tab:red")):
+        for name, color in (("control", "tab:blue"), ("grpo", "tab:red"), ("grpo_fact_penalty", "tab:green")):
             axis.plot([sft_steps + p["step"] for p in curves[name]], [p[key] for p in curves[name]], marker="o",
                       color=color, label=f"{name}: start + {'SFT' if name == 'control' else 'GRPO'} steps")
         axis.axvline(sft_steps, color="black", linewidth=0.8, linestyle=":")
@@ -3406,7 +3476,7 @@ def plot_comparison(output_dir: str, curves: dict[str, list[dict]], sft_steps: i
 
 
 def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
-    """One line per measure, one column per row (start, control, grpo): the mean, and +-half the range over
+    """One line per measure, one column per row (start, control, grpo, grpo_fact_penalty): the mean, and +-half the range over
     seeds when there are several."""
     print(f"{'measure':<22}" + "".join(f"{name:>18}" for name in rows))
     for key in COMPARISON_KEYS:
@@ -3415,9 +3485,10 @@ def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
             spread = f" +-{(max(values) - min(values)) / 2:.4f}" if len(values) > 1 else ""
             cells.append(f"{np.mean(values):.4f}{spread}")
         print(f"{key:<22}" + "".join(f"{cell:>18}" for cell in cells))
-    grpo, control = rows["grpo"]["rougeL"], rows["control"]["rougeL"]
-    gaps = [g - c for g, c in zip(grpo, control)]
-    print(f"{'rougeL grpo - control':<22}{np.mean(gaps):>+18.4f} (per seed: {', '.join(f'{g:+.4f}' for g in gaps)})")
+    for name, label in (("grpo", "grpo"), ("grpo_fact_penalty", "fact_penalty")):
+        gaps = [g - c for g, c in zip(rows[name]["rougeL"], rows["control"]["rougeL"])]
+        print(f"{f'rougeL {label} - control':<22}{np.mean(gaps):>+18.4f} (per seed: "
+              f"{', '.join(f'{g:+.4f}' for g in gaps)})")
 
 
 def check_finished_demo_seed(output_dir: str, config: Config) -> None:
@@ -3428,8 +3499,10 @@ def check_finished_demo_seed(output_dir: str, config: Config) -> None:
     with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
         comparison = json.load(file)
     missing = [key for key in DEMO_REPORT_KEYS if key not in comparison]
-    missing += [f"{row}.{key}" for row in ("start", "control", "grpo") for key in COMPARISON_KEYS
-                if key not in comparison.get(row, {})]
+    missing += [f"{row}.{key}" for row in DEMO_ROWS for key in COMPARISON_KEYS if key not in comparison.get(row, {})]
+    if comparison.get("invented_fact_penalty", DEMO_FACT_PENALTY) != DEMO_FACT_PENALTY:
+        changes.append(f"the grpo_fact_penalty row's lambda {comparison['invented_fact_penalty']!r}, not "
+                       f"{DEMO_FACT_PENALTY!r}")
     if changes:
         problem = f"it was run with other flags ({'; '.join(changes)})"
     elif missing:
@@ -3484,7 +3557,7 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
                 return code
         with open(os.path.join(output_dir, "comparison.json"), encoding="utf-8") as file:
             results.append(json.load(file))
-    rows = {name: {key: [r[name][key] for r in results] for key in COMPARISON_KEYS} for name in ("start", "control", "grpo")}
+    rows = {name: {key: [r[name][key] for r in results] for key in COMPARISON_KEYS} for name in DEMO_ROWS}
     best_sft_gaps = [r["grpo_minus_best_sft_rougeL"] for r in results]
     summary = {name: {key: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
                       for key, v in row.items()} for name, row in rows.items()}
@@ -3492,6 +3565,8 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
                    torch_threads=torch.get_num_threads(),
                    grpo_minus_control=[r["grpo_minus_control"] for r in results],  # per seed, paired bootstrap
                    control_minus_start=[r["control_minus_start"] for r in results],
+                   grpo_fact_penalty_minus_grpo=[r["grpo_fact_penalty_minus_grpo"] for r in results],
+                   grpo_fact_penalty_minus_control=[r["grpo_fact_penalty_minus_control"] for r in results],
                    grpo_minus_best_sft_rougeL=best_sft_gaps)
     write_json_atomic(summary_file, summary)
     print(f"\n{len(results)} seeds ({', '.join(str(r['seed']) for r in results)}): mean +- half the range over seeds; "
@@ -3503,7 +3578,8 @@ def run_demo_seeds(config: Config, given: set[str]) -> int:
         print(f"seed {r['seed']}: rougeL, paired {CONFIDENCE_LEVEL:.0%} CI: " + "; ".join(
             f"{name.replace('_minus_', ' - ')} {r[name]['rougeL_change']:+.4f} "
             f"[{r[name]['rougeL_change_ci_low']:+.4f}, {r[name]['rougeL_change_ci_high']:+.4f}]"
-            for name in ("grpo_minus_control", "control_minus_start")))
+            for name in ("grpo_minus_control", "control_minus_start", "grpo_fact_penalty_minus_grpo",
+                         "grpo_fact_penalty_minus_control")))
     note(f"open: {summary_file} (the table over seeds), {config.output_dir}/seed_N/comparison.png (each seed's curves)")
     return 0
 
