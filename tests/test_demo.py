@@ -23,7 +23,7 @@ def untimed_metrics(output_dir) -> list[dict]:
             for m in read_jsonl(output_dir / "metrics.jsonl")]
 
 
-def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
+def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(grpo, tmp_path):
     first = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'a'}")
     check_ok(first)
     output = tmp_path / "a"
@@ -44,7 +44,15 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(tmp_path):
     assert comparison["steps"] == 3
     assert comparison["start"]["rougeL"] == evaluations[0]["rougeL"]
     assert comparison["grpo"]["rougeL"] == evaluations[-1]["rougeL"]
-    for row in ("start", "control", "grpo"):
+    # the fourth row: the same start and GRPO steps with --invented_fact_penalty, run in fact_penalty/
+    penalized = read_jsonl(output / grpo.FACT_PENALTY_DIR / "eval.jsonl")
+    assert [e["step"] for e in penalized] == [0, 2, 3] and penalized[0]["rougeL"] == comparison["start"]["rougeL"]
+    assert comparison["grpo_fact_penalty"]["rougeL"] == penalized[-1]["rougeL"]
+    saved = json.loads((output / grpo.FACT_PENALTY_DIR / "run_config.json").read_text())
+    assert saved["invented_fact_penalty"] == comparison["invented_fact_penalty"] == grpo.DEMO_FACT_PENALTY > 0
+    assert saved["model_name"] == str(output / "reference") and saved["sft_steps"] == 0 and saved["seed"] == 0
+    assert "rougeL fact_penalty - control" in first.stdout and first.stdout.count("with penalty:") == 3
+    for row in grpo.DEMO_ROWS:
         for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length", "ref_length", "distinct_fraction",
                     "entity_recall", "repeated_trigrams", "trailing_punctuation", "top_summary_share"):
             assert isinstance(comparison[row][key], float), (row, key)
@@ -119,7 +127,7 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     flags = (*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--sft_eval_every=4", "--max_steps=4")
     result = run_script(*flags)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = ("start", "control", "grpo")
+    rows = grpo.DEMO_ROWS
     for seed in (4, 5):
         comparison = json.loads((tmp_path / f"seed_{seed}" / "comparison.json").read_text())
         assert comparison["steps"] == 4 and comparison["seed"] == seed
@@ -136,6 +144,7 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         assert curves["sft"][0]["rougeL"] == sft_evaluations[0]["rougeL"]
         assert curves["sft"][-1]["rougeL"] == comparison["start"]["rougeL"] == curves["control"][0]["rougeL"]
         assert [p["step"] for p in curves["control"]] == [p["step"] for p in curves["grpo"]] == [0, 2, 4]
+        assert [p["step"] for p in curves["grpo_fact_penalty"]] == [0, 2, 4]
         assert curves["control"][-1]["rougeL"] == comparison["control"]["rougeL"]
         assert [p["rougeL"] for p in curves["grpo"]] == [e["rougeL"] for e in evaluations]
         assert (tmp_path / f"seed_{seed}" / "comparison.png").stat().st_size > 0
@@ -145,7 +154,9 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
         control_predictions = read_jsonl(tmp_path / f"seed_{seed}" / "control_predictions.jsonl")  # to audit it
         assert np.mean([r["rougeL"] for r in control_predictions]) == pytest.approx(comparison["control"]["rougeL"])
         for name, before, after in [("grpo_minus_control", "control", "grpo"), ("grpo_minus_start", "start", "grpo"),
-                                    ("control_minus_start", "start", "control")]:  # paired: mean of the differences
+                                    ("control_minus_start", "start", "control"),
+                                    ("grpo_fact_penalty_minus_grpo", "grpo", "grpo_fact_penalty"),
+                                    ("grpo_fact_penalty_minus_control", "control", "grpo_fact_penalty")]:  # paired
             change = comparison[name]
             assert change["rougeL_change"] == pytest.approx(comparison[after]["rougeL"] - comparison[before]["rougeL"])
             assert change["rougeL_change_ci_low"] <= change["rougeL_change"] <= change["rougeL_change_ci_high"]
@@ -160,13 +171,16 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     assert len(summary["control_minus_start"]) == 2 and "rougeL_change_ci_high" in summary["control_minus_start"][1]
     assert len(summary["grpo_minus_best_sft_rougeL"]) == 2 and "rougeL grpo - best SFT" in result.stdout
     assert len(summary["grpo_minus_control"]) == 2 and "rougeL_change_ci_low" in summary["grpo_minus_control"][0]
+    assert len(summary["grpo_fact_penalty_minus_grpo"]) == len(summary["grpo_fact_penalty_minus_control"]) == 2
+    assert "grpo_fact_penalty - grpo" in result.stdout and "rougeL fact_penalty - control" in result.stdout
 
     # --resume=True (what a stopped run prints): finished seeds are read back, not trained again
     (tmp_path / "seed_5" / "comparison.json").unlink()  # as if stopped after seed 5's GRPO steps, before its report
     resumed = run_script(*flags, "--resume=True")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
-    assert json.loads((tmp_path / "comparison_seeds.json").read_text())["grpo"] == summary["grpo"]
+    resumed_summary = json.loads((tmp_path / "comparison_seeds.json").read_text())
+    assert [resumed_summary[row] for row in rows] == [summary[row] for row in rows]
 
     # a finished seed is read back only if it ran with the same flags and this script wrote its report
     changed = run_script(*flags, "--resume=True", "--temperature=0.9")
@@ -181,6 +195,13 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     lines = stale.stderr.strip().splitlines()
     assert stale.returncode == 2 and "lacks curves, grpo.invented_summaries" in lines[-1], lines
     assert "--overwrite_output_dir" in lines[-1]
+    other = json.loads((tmp_path / "seed_5" / "comparison.json").read_text())
+    other["invented_fact_penalty"] = grpo.DEMO_FACT_PENALTY * 2  # a fourth row made with another lambda: not mixed in
+    (tmp_path / "seed_5" / "comparison.json").write_text(json.dumps(other))
+    (tmp_path / "seed_4" / "comparison.json").unlink()
+    lambda_changed = run_script(*flags, "--resume=True")
+    lines = lambda_changed.stderr.strip().splitlines()
+    assert lambda_changed.returncode == 2 and "seed_5" in lines[-1] and "grpo_fact_penalty row's lambda" in lines[-1]
     # a fresh --demo_seeds run into the same folder would replace comparison_seeds.json: refused, nothing written
     before = (tmp_path / "comparison_seeds.json").read_bytes()
     fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}")
@@ -196,8 +217,8 @@ def test_resuming_a_finished_demo_names_its_files_and_trains_nothing(grpo, tmp_p
     out.mkdir()
     config, given = grpo.parse_args(["--demo", f"--output_dir={out}"])
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(grpo.pointed_at_demo_files(config, given))))
-    comparison = {key: 0 for key in grpo.DEMO_REPORT_KEYS}
-    comparison.update({row: {key: 0.0 for key in grpo.COMPARISON_KEYS} for row in ("start", "control", "grpo")})
+    comparison = {key: 0 for key in grpo.DEMO_REPORT_KEYS} | {"invented_fact_penalty": grpo.DEMO_FACT_PENALTY}
+    comparison.update({row: {key: 0.0 for key in grpo.COMPARISON_KEYS} for row in grpo.DEMO_ROWS})
     (out / "comparison.json").write_text(json.dumps(comparison))
     monkeypatch.setattr(grpo, "train", lambda *args: pytest.fail("a finished demo must not train again"))
     assert grpo.main(["--demo", f"--output_dir={out}", "--resume=True"]) == 0

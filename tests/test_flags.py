@@ -190,6 +190,9 @@ def test_validate_config_passes_for_defaults_and_demo():
     (dict(best_metric="bleu"), "--best_metric"),
     (dict(device="gpu"), "--device"),
     (dict(rouge1_weight=0.0, rouge2_weight=0.0, rougeL_weight=0.0, rougeLsum_weight=0.0), "rouge*_weight"),
+    (dict(invented_fact_penalty=-0.1), "--invented_fact_penalty"),
+    (dict(invented_fact_penalty=float("nan")), "--invented_fact_penalty"),
+    (dict(invented_fact_penalty=float("inf")), "--invented_fact_penalty"),
     (dict(sft_lr_scheduler="cosin"), "--sft_lr_scheduler=cosin"),
     (dict(sft_eval_every=-1), "--sft_eval_every"),
     (dict(sft_eval_every=100, sft_steps=0), "--sft_eval_every"),  # no SFT to evaluate: never silently ignored
@@ -224,7 +227,7 @@ def test_validate_config_rejects(changes, message):
 
 
 @pytest.mark.parametrize("changes", [
-    dict(top_p=1.0), dict(top_p=0.9), dict(beta=0.0), dict(group_size=4, micro_batch_size=4),
+    dict(top_p=1.0), dict(top_p=0.9), dict(beta=0.0), dict(invented_fact_penalty=0.5), dict(group_size=4, micro_batch_size=4),
     dict(group_size=8, micro_batch_size=64), dict(epsilon_high=0.28), dict(loss_type="gspo"), dict(device="cuda:1"),
     dict(sft_lr_scheduler="cosine"), dict(sft_steps=500, sft_eval_every=100), dict(scale_rewards="batch"),
     dict(scale_rewards="none"), dict(eval_samples=0), dict(eval_decoding="checkpoint"),

@@ -2,6 +2,7 @@
 the ROUGE reward against rouge_score itself, sentence splitting without punkt, the punkt_tab fetch, a silent
 import, non-Latin text under --rouge_tokenizer=unicode, and the warning when rewards stay equal for several steps."""
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -338,7 +339,7 @@ def test_a_custom_reward_is_used(grpo, tiny_bart_dir, data_files, monkeypatch):
         grpo, tiny_bart_dir, data_files, num_iterations=1)
     seen = {}
 
-    def brevity_bonus(predictions, references, articles, config):  # shorter is better: -(number of words)
+    def brevity_bonus(predictions, references, articles, config, names):  # shorter is better: -(number of words)
         seen.update(predictions=predictions, references=references, articles=articles)
         return [-float(len(p.split())) for p in predictions]
 
@@ -357,6 +358,89 @@ def test_a_reward_that_breaks_the_contract_is_one_clear_error(grpo, rewards, pro
     with pytest.raises(grpo.UserError, match="one finite float per summary") as info:
         grpo.checked_rewards(rewards, ["a", "b"])
     assert problem in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# --invented_fact_penalty: reward minus lambda per invented name or number (invented_facts), hand-computed
+# --------------------------------------------------------------------------------------------------
+ARTICLE = "Mayor Dax Dale of Carrow won 1200 votes and 3.5 percent more on Monday."
+REFERENCE = "Mayor Dax Dale wins in Carrow."
+NAMES = frozenset({"dax", "dale", "cora", "hale", "carrow"})
+
+
+@pytest.mark.parametrize("summary, invented", [
+    ("Mayor Dax Dale won 1200 votes in Carrow.", set()),  # every name and number is in the article
+    ("Mayor Cora Dale won 1200 votes.", {"cora"}),  # an invented name (capitalised inside the sentence)
+    ("Mayor Dax Dale won 1300 votes.", {"1300"}),  # an invented number
+    ("The mayor won many votes.", set()),  # no facts at all: nothing invented
+    ("mayor cora hale won in carrow.", {"cora", "hale"}),  # lowercased: names by the names list; carrow is in
+    ("Mayor Dax Dale won 1,200 votes.", {"1", "200"}),  # "1,200" is the facts 1 and 200, the article writes 1200:
+    # both count as invented (a number written otherwise: what the measure misses, in the reward's docstring)
+    ("Dale won 3.5 percent more.", set()),  # 3.5 is the facts 3 and 5, both words of the article
+    ("Dale won 3.6 percent more.", {"6"}),
+])
+def test_invented_facts_hand_computed(grpo, summary, invented):
+    assert grpo.invented_facts(summary, ARTICLE, NAMES) == invented
+
+
+def test_name_lexicon_learns_names_from_casing(grpo):
+    # capitalised inside a sentence and never lowercase ("Mayor" starts its sentence; "Monday" is a name too)
+    assert grpo.name_lexicon([ARTICLE, REFERENCE]) == {"dax", "dale", "carrow", "monday"}
+    assert grpo.name_lexicon(["He saw The Mill.", "the mill"]) == frozenset()  # also written lowercase: no name
+
+
+def test_the_penalty_is_lambda_per_invented_fact(grpo):
+    config = grpo.Config(invented_fact_penalty=0.25)
+    predictions = ["Mayor Dax Dale won 1200 votes in Carrow.", "Mayor Cora Hale won 1300 votes.",
+                   "mayor cora hale won 1300 votes.", "the mayor won.", "Mayor Dax Dale won 1,200 votes."]
+    rouge = grpo.rouge_rewards(predictions, [REFERENCE] * 5, grpo.reward_weights(config))
+    rewards = grpo.compute_rewards(predictions, [REFERENCE] * 5, [ARTICLE] * 5, config, NAMES)
+    # invented: none; cora, hale, 1300 (cased); cora, hale, 1300 (lowercased, by the names); none; 1 and 200
+    assert rewards == pytest.approx([rouge[0], rouge[1] - 0.75, rouge[2] - 0.75, rouge[3], rouge[4] - 0.5])
+    # without the run's names a lowercased name is not recognised; a cased one and numbers still are
+    alone = grpo.compute_rewards(predictions, [REFERENCE] * 5, [ARTICLE] * 5, config)
+    assert alone[1:3] == pytest.approx([rouge[1] - 0.75, rouge[2] - 0.25])
+    # a summary's penalty depends on it, its article and the names, not on the other articles of the batch
+    batch = grpo.compute_rewards(["Cora Hale said.", predictions[2]], ["Cora Hale said.", REFERENCE],
+                                 ["Cora Hale said.", ARTICLE], config, NAMES)
+    assert batch[1] == rewards[2]
+
+
+def test_the_evaluation_counts_the_same_invented_facts(grpo):
+    predictions = ["mayor cora hale won 1300 votes.", "Mayor Dax Dale won."]
+    articles, references = [ARTICLE, "Mayor Cora Hale lost."], [REFERENCE, "Mayor Cora Hale lost."]
+    names = grpo.name_lexicon((*articles, *references))
+    quality = grpo.summary_quality(predictions, references, articles)
+    assert [grpo.invented_facts(p, a, names) for p, a in zip(predictions, articles)] == [{"cora", "hale", "1300"},
+                                                                                        {"dax", "dale"}]
+    assert quality["invented_summaries"] == 1.0
+    assert quality["invented_entities"] == pytest.approx((3 / 3 + 2 / 2) / 2)
+
+
+def test_lambda_zero_is_exactly_the_rouge_reward(grpo):
+    config = grpo.Config()
+    assert config.invented_fact_penalty == 0.0  # off by default
+    predictions = ["mayor cora hale won 1300 votes.", "Mayor Dax Dale won 1200 votes in Carrow.", ""]
+    expected = grpo.rouge_rewards(predictions, [REFERENCE] * 3, grpo.reward_weights(config))
+    assert grpo.compute_rewards(predictions, [REFERENCE] * 3, [ARTICLE] * 3, config, NAMES) == expected  # bit-equal
+
+
+def test_the_penalized_reward_passes_the_contract_check_and_a_bad_one_still_fails(grpo):
+    config = grpo.Config(invented_fact_penalty=0.5)
+    predictions = ["mayor cora won 7.", "x"]
+    rewards = grpo.compute_rewards(predictions, ["a", "b"], ["c", "d"], config, NAMES)
+    assert grpo.checked_rewards(rewards, predictions) == rewards
+    with pytest.raises(grpo.UserError, match="one finite float per summary"):
+        grpo.checked_rewards(rewards[:1], predictions)
+
+
+def test_a_run_with_the_penalty_learns_the_names_of_its_training_texts(grpo, tiny_bart_dir, data_files):
+    config, device, policy, tokenizer, *_ = build_in_process(grpo, tiny_bart_dir, data_files, num_iterations=1)
+    run = grpo.build_run(dataclasses.replace(config, invented_fact_penalty=0.5), grpo.Distributed(device=device),
+                         lambda message: None)
+    rows = run.train_rows
+    assert run.fact_names == grpo.name_lexicon((*rows[config.text_column], *rows[config.summary_column]))
+    assert grpo.build_run(config, grpo.Distributed(device=device), lambda message: None).fact_names == frozenset()
 
 
 def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_bart_dir, data_files, monkeypatch):
