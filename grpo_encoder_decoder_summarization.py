@@ -880,7 +880,7 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     if checkpoint:
         resume_run(run, checkpoint)
     if config.invented_fact_penalty:  # the reward's names, learned once from the training articles and references
-        run.fact_names = name_lexicon((*train_rows[config.text_column], *train_rows[config.summary_column]))
+        run.fact_names = training_names(train_rows, config, log)
     run.trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), run.state.step + 1)
     return run
 
@@ -2218,6 +2218,17 @@ def name_lexicon(texts) -> frozenset[str]:
     """Proper names, lowercased: the words the texts write capitalised inside a sentence and never in lowercase."""
     lowercase = {w for text in texts for w in re.findall(r"\w+", text) if w.islower()}
     return frozenset({w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase)
+
+
+NAME_ROWS = 20_000  # --invented_fact_penalty learns its names from at most this many training rows (seconds, not minutes)
+
+
+def training_names(train_rows, config: Config, log) -> frozenset[str]:
+    """The name_lexicon of the first NAME_ROWS training articles and references (the reward's `names`)."""
+    rows = train_rows.select(range(min(len(train_rows), NAME_ROWS)))
+    names = name_lexicon((*rows[config.text_column], *rows[config.summary_column]))
+    log(f"invented_fact_penalty: {len(names):,} names learned from {len(rows):,} training rows")
+    return names
 
 
 def summary_facts(summary: str, names: frozenset[str]) -> set[str]:

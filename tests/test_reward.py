@@ -434,13 +434,19 @@ def test_the_penalized_reward_passes_the_contract_check_and_a_bad_one_still_fail
         grpo.checked_rewards(rewards[:1], predictions)
 
 
-def test_a_run_with_the_penalty_learns_the_names_of_its_training_texts(grpo, tiny_bart_dir, data_files):
+def test_a_run_with_the_penalty_learns_the_names_of_its_training_texts(grpo, tiny_bart_dir, data_files, monkeypatch):
     config, device, policy, tokenizer, *_ = build_in_process(grpo, tiny_bart_dir, data_files, num_iterations=1)
+    logged = []
     run = grpo.build_run(dataclasses.replace(config, invented_fact_penalty=0.5), grpo.Distributed(device=device),
-                         lambda message: None)
+                         logged.append)
     rows = run.train_rows
     assert run.fact_names == grpo.name_lexicon((*rows[config.text_column], *rows[config.summary_column]))
+    assert {"carrow", "glimmer"} <= run.fact_names and f"{len(run.fact_names)} names learned from 40 training rows" \
+        in "\n".join(logged)
     assert grpo.build_run(config, grpo.Distributed(device=device), lambda message: None).fact_names == frozenset()
+    monkeypatch.setattr(grpo, "NAME_ROWS", 3)  # a large training set: its first rows only
+    assert grpo.training_names(rows, config, print) == grpo.name_lexicon(
+        (*rows[config.text_column][:3], *rows[config.summary_column][:3]))
 
 
 def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_bart_dir, data_files, monkeypatch):
