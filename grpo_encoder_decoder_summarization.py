@@ -1779,24 +1779,36 @@ def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, h
     check_rouge_words(config, train_rows, held_out)
     if dist.is_main:
         log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
-    check_model_runs(policy, tokenizer, dist.device)
+    check_model_runs(policy, tokenizer, dist.device, log)
 
 
-def check_model_runs(policy, tokenizer, device) -> None:
-    """Two tiny samples and their scoring pass at the start (random state kept), so that an architecture which loads
-    but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run."""
+def check_model_runs(policy, tokenizer, device, log) -> None:
+    """Two tiny samples and their scoring pass with a backward at the start (random state kept), so that an
+    architecture which loads but cannot run this script's sampler (SwitchTransformers' routers) fails in one line,
+    not mid-run. Parameters that get no gradient (BART's `shared` embedding when its embeddings are untied) are
+    frozen, and named: DDP stops on a trained parameter that never gets one."""
     encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy), \
-                torch.no_grad():
-            sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
-                                              tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
-                                              with_logprobs=False)
-            GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1], 2)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
+            with torch.no_grad():
+                sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
+                                                  tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
+                                                  with_logprobs=False)
+            with torch.enable_grad():
+                GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1],
+                                       2).float().sum().backward()
     except Exception as error:
         raise UserError(f"{policy.config.model_type} models load but cannot run this script's sampler and scoring "
                         f"pass ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); use "
                         "another encoder-decoder (BART, T5, Pegasus, ...)") from None
+    unused = [name for name, parameter in policy.named_parameters() if parameter.requires_grad and parameter.grad is None]
+    for name, parameter in policy.named_parameters():
+        parameter.grad = None
+        if name in unused:
+            parameter.requires_grad_(False)
+    if unused:
+        log(f"note: frozen {len(unused)} parameter{'s' if len(unused) > 1 else ''} the model's forward never uses: "
+            + ", ".join(unused))
 
 
 def early_model_config(config: Config):

@@ -155,9 +155,29 @@ def tiny_bart_dir(tmp_path_factory, grpo) -> Path:
     tokenizer = grpo.build_word_tokenizer(texts, str(directory), "bart")
     grpo.build_demo_model(str(directory), tokenizer, seed=0)
     config = BartConfig.from_pretrained(directory)
-    # only the sizes change (smaller: faster tests; no dropout: SFT steps compare exactly across runs)
+    # only the sizes change (smaller: faster tests; no dropout: SFT steps compare exactly across runs), and the
+    # embeddings are tied, as in the hub's BARTs (untied_bart_dir keeps the demo's untied ones)
     config.update(dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0))
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0,
+                       tie_word_embeddings=True))
+    torch.manual_seed(0)
+    BartForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def untied_bart_dir(tiny_bart_dir, tmp_path_factory) -> Path:
+    """tiny_bart_dir with the demo's untied embeddings: encoder, decoder and LM head each their own, and BART's
+    `shared` embedding read by none of them."""
+    import shutil
+
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    directory = tmp_path_factory.mktemp("untied_bart")
+    shutil.copytree(tiny_bart_dir, directory, dirs_exist_ok=True)
+    config = BartConfig.from_pretrained(directory)
+    config.tie_word_embeddings = False
     torch.manual_seed(0)
     BartForConditionalGeneration(config).save_pretrained(directory)
     return directory
@@ -188,7 +208,7 @@ def short_bart_dir(tmp_path_factory, grpo) -> Path:
     config = BartConfig.from_pretrained(directory)
     config.update(dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0,
-                       max_position_embeddings=POSITIONS))
+                       max_position_embeddings=POSITIONS, tie_word_embeddings=True))
     torch.manual_seed(0)
     BartForConditionalGeneration(config).save_pretrained(directory)
     return directory

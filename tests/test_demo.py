@@ -123,7 +123,7 @@ SHORT = ["--demo", "--sft_steps=6", "--sft_batch_size=4", "--max_steps=2", "--ba
          "--micro_batch_size=8", "--eval_every=2", "--eval_samples=4", "--save_every=2", "--max_new_tokens=8"]
 
 
-def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_path):
+def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_path, capsys):
     flags = (*SHORT, "--demo_seeds=2", "--seed=4", f"--output_dir={tmp_path}", "--sft_eval_every=4", "--max_steps=4")
     result = run_script(*flags)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,30 +182,32 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
     resumed_summary = json.loads((tmp_path / "comparison_seeds.json").read_text())
     assert [resumed_summary[row] for row in rows] == [summary[row] for row in rows]
 
-    # a finished seed is read back only if it ran with the same flags and this script wrote its report
-    changed = run_script(*flags, "--resume=True", "--temperature=0.9")
-    lines = changed.stderr.strip().splitlines()
-    assert changed.returncode == 2 and "seed_4" in lines[-1] and "--temperature: 0.7 -> 0.9" in lines[-1], lines
-    longer = run_script(*flags, "--resume=True", "--max_steps=5")  # N of the comparison: not mixed
-    assert longer.returncode == 2 and "--max_steps: 4 -> 5" in longer.stderr.strip().splitlines()[-1]
+    # a finished seed is read back only if it ran with the same flags and this script wrote its report; the
+    # refusals come before any training, so main() runs them in this process
+    def refused(*extra: str) -> str:
+        code = grpo.main([*flags, "--resume=True", *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and lines, lines
+        return lines[-1]
+
+    line = refused("--temperature=0.9")
+    assert "seed_4" in line and "--temperature: 0.7 -> 0.9" in line, line
+    assert "--max_steps: 4 -> 5" in refused("--max_steps=5")  # N of the comparison: not mixed
     older = json.loads((tmp_path / "seed_4" / "comparison.json").read_text())
     del older["curves"], older["grpo"]["invented_summaries"]  # as an older version of the script wrote it
     (tmp_path / "seed_4" / "comparison.json").write_text(json.dumps(older))
-    stale = run_script(*flags, "--resume=True")
-    lines = stale.stderr.strip().splitlines()
-    assert stale.returncode == 2 and "lacks curves, grpo.invented_summaries" in lines[-1], lines
-    assert "--overwrite_output_dir" in lines[-1]
+    line = refused()
+    assert "lacks curves, grpo.invented_summaries" in line and "--overwrite_output_dir" in line, line
     other = json.loads((tmp_path / "seed_5" / "comparison.json").read_text())
     other["invented_fact_penalty"] = grpo.DEMO_FACT_PENALTY * 2  # a fourth row made with another lambda: not mixed in
     (tmp_path / "seed_5" / "comparison.json").write_text(json.dumps(other))
     (tmp_path / "seed_4" / "comparison.json").unlink()
-    lambda_changed = run_script(*flags, "--resume=True")
-    lines = lambda_changed.stderr.strip().splitlines()
-    assert lambda_changed.returncode == 2 and "seed_5" in lines[-1] and "grpo_fact_penalty row's lambda" in lines[-1]
+    line = refused()
+    assert "seed_5" in line and "grpo_fact_penalty row's lambda" in line, line
     # a fresh --demo_seeds run into the same folder would replace comparison_seeds.json: refused, nothing written
     before = (tmp_path / "comparison_seeds.json").read_bytes()
-    fresh = run_script(*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}")
-    assert fresh.returncode == 2 and "comparison_seeds.json" in fresh.stderr.strip().splitlines()[-1]
+    assert grpo.main([*SHORT, "--demo_seeds=2", "--seed=6", f"--output_dir={tmp_path}"]) == 2
+    assert "comparison_seeds.json" in capsys.readouterr().err.strip().splitlines()[-1]
     assert (tmp_path / "comparison_seeds.json").read_bytes() == before and not (tmp_path / "seed_6").exists()
 
 

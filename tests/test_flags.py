@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import POSITIONS, TINY, data_args, error_lines, needs_peft, read_jsonl, run_script
+from conftest import POSITIONS, TINY, data_args, error_lines, needs_peft, read_jsonl
 
 import grpo_encoder_decoder_summarization as grpo
 
@@ -293,13 +293,12 @@ def test_missing_optional_package_is_one_error_line(grpo, flag, package, named, 
     assert error == f"error: {named} needs the {package} package, which is not installed: pip install {package}"
 
 
-def test_compile_sampler_without_cuda_is_one_clear_error(tmp_path):
+def test_compile_sampler_without_cuda_is_one_clear_error(grpo, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: tests/test_cuda.py runs --compile_sampler")
-    result = run_script("--compile_sampler=True", f"--output_dir={tmp_path}")
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --compile_sampler captures CUDA graphs and needs a CUDA device; "
-                                     "drop it on this machine")
+    assert grpo.main(["--compile_sampler=True", f"--output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --compile_sampler captures CUDA graphs and needs a CUDA "
+                                               "device; drop it on this machine")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,16 +477,19 @@ BAD_INPUTS = [case_unknown_flag, case_missing_text_column, case_empty_train_file
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.__name__.removeprefix("case_") for c in BAD_INPUTS])
-def test_bad_input_gives_one_error_line(case, tiny_bart_dir, tiny_t5_dir, data_files, tmp_path):
+def test_bad_input_gives_one_error_line(case, grpo, tiny_bart_dir, tiny_t5_dir, data_files, tmp_path, capsys,
+                                        monkeypatch):
+    """In process (main() as the command line calls it): an uncaught exception would fail the test."""
     bad_args, exit_code, must_mention = case(tmp_path, {"bart": tiny_bart_dir, "t5": tiny_t5_dir}, data_files)
     # Later flags win, so each case's own flag replaces the good default given before it.
     args = [f"--model_name={tiny_bart_dir}", *data_args(data_files), *SMALL_RUN, f"--output_dir={tmp_path / 'out'}",
             *bad_args]
-    result = run_script(*args, cwd=tmp_path)
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, f"exit {result.returncode}, stderr:\n{result.stderr}"
-    assert result.returncode == exit_code, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    monkeypatch.chdir(tmp_path)
+    code = grpo.main([str(arg) for arg in args])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"exit {code}, stderr:\n{stderr}"
+    assert code == exit_code, f"exit {code}, stderr:\n{stderr}"
     for text in must_mention:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
 

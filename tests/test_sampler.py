@@ -520,12 +520,10 @@ def test_estimate_memory_prints_a_table_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_gpu_memory_gb_without_estimate_memory_is_one_clear_error(tmp_path):
-    from conftest import run_script
-
-    result = run_script("--gpu_memory_gb=24", f"--output_dir={tmp_path}")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: --gpu_memory_gb applies to --estimate_memory only: add it, or leave it out"
+def test_gpu_memory_gb_without_estimate_memory_is_one_clear_error(grpo, tmp_path, capsys):
+    assert grpo.main(["--gpu_memory_gb=24", f"--output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --gpu_memory_gb applies to --estimate_memory only: add it, or "
+                                               "leave it out")
 
 
 def test_static_step_through_a_lora_policy_under_autocast_equals_decoder_step(grpo):
