@@ -3308,10 +3308,11 @@ def build_word_tokenizer(texts: list[str], directory: str, model_type: str = "ba
 
 
 def build_demo_model(directory: str, tokenizer, seed: int) -> None:
-    """A tiny BART (2+2 layers, d=128, about 1M parameters, no dropout) from a config, saved like a hub checkpoint.
+    """A tiny BART (2+2 layers, d=128, no dropout) from a config, saved like a hub checkpoint.
 
-    Its output embeddings are untied from the input ones: tied, SFT pulled the six firm names together (cosine
-    0.96-0.98 on seeds 0 and 1), so the model could not copy a firm and swapped them, before any GRPO step."""
+    Its embeddings are untied: encoder, decoder and LM head each have their own (BART's `shared` one is then
+    unused; the start check freezes it). Tied, SFT pulled the six firm names together (cosines up to 0.98 on
+    seeds 0 and 1), so the model could not copy a firm and swapped them before any GRPO step."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(seed)

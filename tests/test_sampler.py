@@ -462,7 +462,7 @@ def test_emulated_cuda_autocast_runs_layer_norm_in_float32_and_linear_in_bf16(gr
 
 
 def demo_size_run(grpo, directory, config):
-    """A real CPU GRPO run's pieces on the demo's BART (1M parameters), with EOS never sampled: every summary
+    """A real CPU GRPO run's pieces on the demo's BART (0.9M trained parameters), EOS never sampled: every summary
     runs to max_new_tokens, as the memory plan assumes."""
     rows = grpo.make_synthetic_corpus(60, seed=0)
     tokenizer = grpo.build_word_tokenizer([r["article"] for r in rows] + [r["highlights"] for r in rows],
