@@ -40,7 +40,7 @@ References:
   TRL's GRPOTrainer, whose names we follow (num_generations ~ group_size, beta, epsilon, num_iterations).
 
 How to run:
-  python grpo_encoder_decoder_summarization.py --demo                  # offline: SFT, then more SFT vs GRPO (CPU)
+  python grpo_encoder_decoder_summarization.py --demo                  # offline: SFT, then more SFT vs GRPO
   python grpo_encoder_decoder_summarization.py --demo --demo_seeds=3   # the demo's table over seeds 0, 1, 2
   python grpo_encoder_decoder_summarization.py                         # bart-large-cnn on CNN/DailyMail (GPU)
   python grpo_encoder_decoder_summarization.py --eval_only=True --eval_split=test --eval_decoding=checkpoint
@@ -1623,6 +1623,8 @@ def validate_config(config: Config, given: set[str] = frozenset()) -> None:
          "the rouge*_weight flags must be >= 0 and not all 0"),
         (math.isfinite(config.invented_fact_penalty) and config.invented_fact_penalty >= 0,
          "--invented_fact_penalty must be a finite number >= 0 (0: off)"),
+        (not (config.demo and config.invented_fact_penalty), "--invented_fact_penalty and --demo: the demo's grpo row "
+         "is plain GRPO, and its grpo_fact_penalty row sets lambda itself (DEMO_FACT_PENALTY); drop the flag"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "--device must be auto, cpu, cuda or cuda:N"),
         (config.lr_scheduler in schedules,
          f"--lr_scheduler={config.lr_scheduler} is not a schedule this script can use; one of: {', '.join(schedules)}"),
@@ -1779,33 +1781,46 @@ def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, h
     check_rouge_words(config, train_rows, held_out)
     if dist.is_main:
         log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
-    check_model_runs(policy, tokenizer, dist.device, log)
+    check_model_runs(policy, tokenizer, dist.device)
+    if dist.world_size > 1 and config.lora_r == 0:  # DDP stops on a trained parameter that never gets a gradient
+        freeze_unused_parameters(policy, tokenizer, dist.device, log)
 
 
-def check_model_runs(policy, tokenizer, device, log) -> None:
-    """Two tiny samples and their scoring pass with a backward at the start (random state kept), so that an
-    architecture which loads but cannot run this script's sampler (SwitchTransformers' routers) fails in one line,
-    not mid-run. Parameters that get no gradient (BART's `shared` embedding when its embeddings are untied) are
-    frozen, and named: DDP stops on a trained parameter that never gets one."""
+def check_model_runs(policy, tokenizer, device) -> None:
+    """Two tiny samples and their scoring pass at the start (random state kept), so that an architecture which loads
+    but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run."""
     encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
-            with torch.no_grad():
-                sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
-                                                  tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
-                                                  with_logprobs=False)
-            with torch.enable_grad():
-                GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1],
-                                       2).float().sum().backward()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy), \
+                torch.no_grad():
+            sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
+                                              with_logprobs=False)
+            GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1], 2)
     except Exception as error:
         raise UserError(f"{policy.config.model_type} models load but cannot run this script's sampler and scoring "
                         f"pass ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); use "
                         "another encoder-decoder (BART, T5, Pegasus, ...)") from None
-    unused = [name for name, parameter in policy.named_parameters() if parameter.requires_grad and parameter.grad is None]
+
+
+@torch.enable_grad()
+def freeze_unused_parameters(policy, tokenizer, device, log) -> None:
+    """Freeze, and name, the parameters that a scoring pass's backward leaves without a gradient (BART's `shared`
+    embedding when its embeddings are untied): DDP stops on a trained parameter that never gets one. The same
+    tiny pass on every process (seeded, random state kept), so all freeze the same ones."""
+    encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
+                                              with_logprobs=False)
+        logits = GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1], 2)
+        logits.float().sum().backward()
+    unused = [name for name, weight in policy.named_parameters() if weight.requires_grad and weight.grad is None]
     for name, parameter in policy.named_parameters():
         parameter.grad = None
-        if name in unused:
-            parameter.requires_grad_(False)
+        parameter.requires_grad_(parameter.requires_grad and name not in unused)
     if unused:
         log(f"note: frozen {len(unused)} parameter{'s' if len(unused) > 1 else ''} the model's forward never uses: "
             + ", ".join(unused))
@@ -2232,7 +2247,7 @@ def name_lexicon(texts) -> frozenset[str]:
     return frozenset({w for text in texts for w in summary_entities(text) if not w.isdigit()} - lowercase)
 
 
-NAME_ROWS = 20_000  # --invented_fact_penalty learns its names from at most this many training rows (seconds, not minutes)
+NAME_ROWS = 20_000  # --invented_fact_penalty learns its names from this many training rows at most (seconds)
 
 
 def training_names(train_rows, config: Config, log) -> frozenset[str]:
@@ -2314,7 +2329,7 @@ def earlier_run_files(output_dir: str) -> list[str]:
     names = ("metrics.jsonl", "eval.jsonl", "eval_examples.jsonl", "eval_predictions.jsonl", "completions.jsonl",
              "sft_eval.jsonl", "checkpoints", "best", "final", "reference", "curves.png", "tensorboard",
              RUN_CONFIG_FILE, "benchmark.json", "comparison.json", "comparison.png", "control_predictions.jsonl",
-             "comparison_seeds.json")
+             "comparison_seeds.json", FACT_PENALTY_DIR)
     return [name for name in names if os.path.exists(os.path.join(output_dir, name))]
 
 
@@ -3311,8 +3326,8 @@ def build_demo_model(directory: str, tokenizer, seed: int) -> None:
     """A tiny BART (2+2 layers, d=128, no dropout) from a config, saved like a hub checkpoint.
 
     Its embeddings are untied: encoder, decoder and LM head each have their own (BART's `shared` one is then
-    unused; the start check freezes it). Tied, SFT pulled the six firm names together (cosines up to 0.98 on
-    seeds 0 and 1), so the model could not copy a firm and swapped them before any GRPO step."""
+    unused; under torchrun the start check freezes it). Tied, SFT pulled the six firm names together (cosines up
+    to 0.98 on seeds 0 and 1), so the model could not copy a firm and swapped them before any GRPO step."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -3500,8 +3515,8 @@ def plot_comparison(output_dir: str, curves: dict[str, list[dict]], sft_steps: i
 
 
 def print_comparison(rows: dict[str, dict[str, list[float]]]) -> None:
-    """One line per measure, one column per row (start, control, grpo, grpo_fact_penalty): the mean, and +-half the range over
-    seeds when there are several."""
+    """One line per measure, one column per row (start, control, grpo, grpo_fact_penalty): the mean, and +-half the
+    range over seeds when there are several."""
     print(f"{'measure':<22}" + "".join(f"{name:>18}" for name in rows))
     for key in COMPARISON_KEYS:
         cells = []
@@ -3874,7 +3889,7 @@ def run_benchmark(config: Config, dist: "Distributed", log) -> int:
     for step in range(BENCHMARK_WARMUP_STEPS + config.max_steps):
         rows = train_rows[batch_indices(step, config.batch_size, len(train_rows), config.seed)]
         numbers = grpo_step(policy, policy_forward, reference_forward, tokenizer, rows, optimizer, scheduler, config,
-                            device)
+                            device, run.fact_names)
         if step >= BENCHMARK_WARMUP_STEPS:  # time_update is the sum of forward, backward, optimizer
             totals.update({k: v for k, v in numbers.items() if k.startswith("time_") and k != "time_update"
                            or k in ("seconds", "generated_tokens")})

@@ -193,6 +193,7 @@ def test_validate_config_passes_for_defaults_and_demo():
     (dict(invented_fact_penalty=-0.1), "--invented_fact_penalty"),
     (dict(invented_fact_penalty=float("nan")), "--invented_fact_penalty"),
     (dict(invented_fact_penalty=float("inf")), "--invented_fact_penalty"),
+    (dict(invented_fact_penalty=0.5, demo=True, sft_steps=10, num_examples=1), "--invented_fact_penalty and --demo"),
     (dict(sft_lr_scheduler="cosin"), "--sft_lr_scheduler=cosin"),
     (dict(sft_eval_every=-1), "--sft_eval_every"),
     (dict(sft_eval_every=100, sft_steps=0), "--sft_eval_every"),  # no SFT to evaluate: never silently ignored

@@ -449,6 +449,25 @@ def test_a_run_with_the_penalty_learns_the_names_of_its_training_texts(grpo, tin
         (*rows[config.text_column][:3], *rows[config.summary_column][:3]))
 
 
+def test_a_training_run_rewards_with_its_names(grpo, tiny_bart_dir, data_files, tmp_path, monkeypatch):
+    """The names build_run learns reach compute_rewards in every GRPO step of a run (main(), in process)."""
+    from conftest import TINY, data_args
+
+    seen, real = [], grpo.compute_rewards
+
+    def recording(predictions, references, articles, config, names):
+        seen.append((config.invented_fact_penalty, names))
+        return real(predictions, references, articles, config, names)
+
+    monkeypatch.setattr(grpo, "compute_rewards", recording)
+    args = [f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--max_steps=2", "--eval_samples=0",
+            "--invented_fact_penalty=0.5", f"--output_dir={tmp_path / 'run'}"]
+    assert grpo.main(args) == 0
+    rows = [json.loads(line) for line in data_files[0].read_text().splitlines()]
+    expected = grpo.name_lexicon([r["article"] for r in rows] + [r["highlights"] for r in rows])
+    assert seen == [(0.5, expected)] * 2 and expected
+
+
 def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_bart_dir, data_files, monkeypatch):
     config, device, policy, tokenizer, reference, optimizer, scheduler, rows = build_in_process(
         grpo, tiny_bart_dir, data_files, num_iterations=1)

@@ -1279,23 +1279,25 @@ def test_the_start_check_keeps_the_random_state(grpo, tiny_t5_dir):
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), AutoTokenizer.from_pretrained(tiny_t5_dir)
     model.train()
     torch.manual_seed(3)
+    grpo.check_model_runs(model, tokenizer, torch.device("cpu"))
     logged = []
-    grpo.check_model_runs(model, tokenizer, torch.device("cpu"), logged.append)
+    grpo.freeze_unused_parameters(model, tokenizer, torch.device("cpu"), logged.append)
     after = torch.rand(3)
     torch.manual_seed(3)
-    assert torch.equal(after, torch.rand(3)) and model.training  # same draws after it; the mode restored
+    assert torch.equal(after, torch.rand(3)) and model.training  # same draws after both; the mode restored
     assert not logged and all(p.requires_grad and p.grad is None for p in model.parameters())  # nothing unused
 
 
-def test_the_start_check_freezes_parameters_the_forward_never_uses(grpo, untied_bart_dir):
+def test_freeze_unused_parameters_freezes_what_the_forward_never_uses(grpo, untied_bart_dir):
     """A BART with untied embeddings (the demo's) keeps a `shared` embedding that neither encoder nor decoder
-    reads; trained, it would stop DDP ("parameters that were not used in producing loss")."""
+    reads; trained under torchrun, it would stop DDP ("parameters that were not used in producing loss")."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(untied_bart_dir)
     logged = []
-    grpo.check_model_runs(model, AutoTokenizer.from_pretrained(untied_bart_dir), torch.device("cpu"), logged.append)
+    grpo.freeze_unused_parameters(model, AutoTokenizer.from_pretrained(untied_bart_dir), torch.device("cpu"),
+                                  logged.append)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     assert frozen == ["model.shared.weight"] and logged == ["note: frozen 1 parameter the model's forward never "
                                                             "uses: model.shared.weight"], (frozen, logged)
