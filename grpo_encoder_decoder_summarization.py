@@ -1781,18 +1781,20 @@ def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, h
     check_rouge_words(config, train_rows, held_out)
     if dist.is_main:
         log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
-    check_model_runs(policy, tokenizer, dist.device)
+    encoded, sequences = check_model_runs(policy, tokenizer, dist.device)
     if dist.world_size > 1 and config.lora_r == 0:  # DDP stops on a trained parameter that never gets a gradient
-        freeze_unused_parameters(policy, tokenizer, dist.device, log)
+        freeze_unused_parameters(policy, encoded, sequences, log)
 
 
-def check_model_runs(policy, tokenizer, device) -> None:
+def check_model_runs(policy, tokenizer, device) -> tuple[dict, torch.Tensor]:
     """Two tiny samples and their scoring pass at the start (random state kept), so that an architecture which loads
-    but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run."""
+    but cannot run this script's sampler (SwitchTransformers' routers) fails in one line, not mid-run. Returns the
+    check's article and samples, the same on every process (seeded), for freeze_unused_parameters."""
     encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy), \
                 torch.no_grad():
+            torch.manual_seed(0)
             sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
                                               tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
                                               with_logprobs=False)
@@ -1801,20 +1803,15 @@ def check_model_runs(policy, tokenizer, device) -> None:
         raise UserError(f"{policy.config.model_type} models load but cannot run this script's sampler and scoring "
                         f"pass ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); use "
                         "another encoder-decoder (BART, T5, Pegasus, ...)") from None
+    return encoded, sequences
 
 
 @torch.enable_grad()
-def freeze_unused_parameters(policy, tokenizer, device, log) -> None:
-    """Freeze, and name, the parameters that a scoring pass's backward leaves without a gradient (BART's `shared`
-    embedding when its embeddings are untied): DDP stops on a trained parameter that never gets one. The same
-    tiny pass on every process (seeded, random state kept), so all freeze the same ones."""
-    encoded = tokenizer(["a short check"], return_tensors="pt").to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(policy):
-        torch.manual_seed(0)
-        with torch.no_grad():
-            sequences, _ = sample_completions(policy, encoded["input_ids"], encoded["attention_mask"], 2, 2,
-                                              tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, 1.0,
-                                              with_logprobs=False)
+def freeze_unused_parameters(policy, encoded: dict, sequences: torch.Tensor, log) -> None:
+    """Freeze, and name, the parameters that the backward of check_model_runs' scoring pass (its article and
+    samples, the same on every process, so all freeze the same ones) leaves without a gradient (BART's `shared`
+    embedding when its embeddings are untied): DDP stops on a trained parameter that never gets one."""
+    with eval_mode(policy):  # no dropout: no random draws
         logits = GroupedSeq2Seq(policy)(encoded["input_ids"], encoded["attention_mask"], sequences[:, :-1], 2)
         logits.float().sum().backward()
     unused = [name for name, weight in policy.named_parameters() if weight.requires_grad and weight.grad is None]

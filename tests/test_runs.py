@@ -1279,9 +1279,9 @@ def test_the_start_check_keeps_the_random_state(grpo, tiny_t5_dir):
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), AutoTokenizer.from_pretrained(tiny_t5_dir)
     model.train()
     torch.manual_seed(3)
-    grpo.check_model_runs(model, tokenizer, torch.device("cpu"))
+    encoded, sequences = grpo.check_model_runs(model, tokenizer, torch.device("cpu"))
     logged = []
-    grpo.freeze_unused_parameters(model, tokenizer, torch.device("cpu"), logged.append)
+    grpo.freeze_unused_parameters(model, encoded, sequences, logged.append)
     after = torch.rand(3)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(3)) and model.training  # same draws after both; the mode restored
@@ -1296,8 +1296,9 @@ def test_freeze_unused_parameters_freezes_what_the_forward_never_uses(grpo, unti
 
     model = AutoModelForSeq2SeqLM.from_pretrained(untied_bart_dir)
     logged = []
-    grpo.freeze_unused_parameters(model, AutoTokenizer.from_pretrained(untied_bart_dir), torch.device("cpu"),
-                                  logged.append)
+    encoded, sequences = grpo.check_model_runs(model, AutoTokenizer.from_pretrained(untied_bart_dir),
+                                               torch.device("cpu"))
+    grpo.freeze_unused_parameters(model, encoded, sequences, logged.append)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     assert frozen == ["model.shared.weight"] and logged == ["note: frozen 1 parameter the model's forward never "
                                                             "uses: model.shared.weight"], (frozen, logged)
