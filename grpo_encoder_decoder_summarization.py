@@ -3227,6 +3227,9 @@ EVENTS_TEMPLATES = [
 
 DEMO_PHRASING_WEIGHTS = (0.34, 0.22, 0.22, 0.22)  # first highlight line: P(vague), then P(each factual variant)
 DEMO_ARTICLE_WORDS = (30, 55)  # fillers are added below a length drawn from here (lead+facts+quote: 41-60 words)
+# the years of the world, each one word of the tiny vocabulary. With 30 (2000-2029), the starts of seeds 0/1/2 wrote
+# a wrong year in 29/110/85 of 300 training summaries that hold one; with these 10, in 126/7/0
+DEMO_YEARS = (2015, 2024)
 
 
 def demo_slots(rng: random.Random) -> dict:
@@ -3239,7 +3242,7 @@ def demo_slots(rng: random.Random) -> dict:
             "a": a, "b": rng.randint(0, a - 1), "k": rng.randint(1, a), "num": num,
             "num2": rng.randint(2, num - 1), "num3": rng.randint(10, 99), "pct": rng.randint(2, 30),
             "share": rng.randint(51, 69), "hours": rng.randint(2, 12), "span": rng.randint(2, 9),
-            "amount": rng.randint(2, 30), "year": rng.randint(2000, 2029), "day": rng.choice(DAYS),
+            "amount": rng.randint(2, 30), "year": rng.randint(*DEMO_YEARS), "day": rng.choice(DAYS),
             "day2": rng.choice(DAYS), "product": rng.choice(PRODUCTS), "facility": rng.choice(FACILITIES),
             "storm": rng.choice(STORMS), "find": rng.choice(FINDS), "place": rng.choice(PLACES),
             "journal": rng.choice(JOURNALS), "sky": rng.choice(SKY), "building": rng.choice(BUILDINGS),
@@ -3371,9 +3374,9 @@ DEMO_REPORT_KEYS = ("curves", "grpo_minus_control", "grpo_minus_start", "control
                     "grpo_fact_penalty_minus_control")  # what report_demo writes beside the rows and steps
 DEMO_ROWS = ("start", "control", "grpo", "grpo_fact_penalty")  # the rows of the demo's table
 # lambda of the grpo_fact_penalty row, chosen on training articles only: the seed-0 start sampled G=8 summaries (T=0.7)
-# for the first 200 training articles its 150 GRPO steps never draw; 0.4 is the smallest of 0.025, 0.05, ..., 3.2 at
-# which no group's top-reward sample (where GRPO moves the policy) has an invented fact if another sample has none
-DEMO_FACT_PENALTY = 0.4
+# for 200 training articles its 150 GRPO steps never draw; 0.8 is the smallest of 0.025, 0.05, ..., 3.2 at which no
+# group's top-reward sample (where GRPO moves the policy) has an invented fact if another sample has none (0.4: 6 do)
+DEMO_FACT_PENALTY = 0.8
 FACT_PENALTY_DIR = "fact_penalty"  # the grpo_fact_penalty row's run, inside the demo's output_dir
 CURVE_KEYS = ("rougeL", "entity_recall", "distinct_fraction")  # per evaluation in comparison.json's curves
 
