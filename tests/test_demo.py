@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import check_ok, read_jsonl, run_script
+from conftest import check_ok, main_in_process, read_jsonl, run_script
 
 SHORT_DEMO = ["--demo", "--sft_steps=15", "--sft_batch_size=8", "--max_steps=3", "--batch_size=2", "--group_size=4",
               "--micro_batch_size=8", "--eval_every=2", "--eval_samples=6", "--save_every=2", "--max_new_tokens=12",
@@ -58,7 +58,7 @@ def test_short_demo_runs_the_whole_pipeline_and_is_deterministic(grpo, tmp_path)
             assert isinstance(comparison[row][key], float), (row, key)
     assert first.stdout.count("example ") == 3 and "reference:" in first.stdout
 
-    second = run_script(*SHORT_DEMO, f"--output_dir={tmp_path / 'b'}")
+    second = main_in_process(grpo, *SHORT_DEMO, f"--output_dir={tmp_path / 'b'}", child_threads=True)
     check_ok(second)
     assert read_jsonl(tmp_path / "b" / "eval.jsonl") == evaluations  # same seed, same numbers
     assert json.loads((tmp_path / "b" / "comparison.json").read_text()) == comparison  # the control's too
@@ -176,7 +176,7 @@ def test_demo_seeds_writes_each_comparison_and_the_table_over_seeds(grpo, tmp_pa
 
     # --resume=True (what a stopped run prints): finished seeds are read back, not trained again
     (tmp_path / "seed_5" / "comparison.json").unlink()  # as if stopped after seed 5's GRPO steps, before its report
-    resumed = run_script(*flags, "--resume=True")
+    resumed = main_in_process(grpo, *flags, "--resume=True", child_threads=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("entity_recall") == 2  # seed 5's report and the table over seeds; seed 4 read back
     resumed_summary = json.loads((tmp_path / "comparison_seeds.json").read_text())

@@ -13,11 +13,9 @@ Deadlines only turn a hung child into a failure, and nothing asserts on timing.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import glob
-import io
 import json
 import os
 import re
@@ -36,6 +34,7 @@ import pytest
 import torch
 
 from conftest import (HANG_TIMEOUT, POSITIONS, ROOT, SCRIPT, TINY, assert_resumed_run_matches, check_ok,
+                      main_in_process,
                       checkpoint_names, data_args, good_rows, needs_peft, one_error, read_jsonl, run_script,
                       subprocess_env)
 
@@ -178,14 +177,6 @@ EARLIER = (*TINY, "--max_steps=2", "--num_iterations=2", "--save_every=1", "--ev
            "--warmup_steps=1", "--max_source_length=8")
 
 
-def main_in_process(grpo, *flags: str) -> subprocess.CompletedProcess:
-    """grpo.main(flags) in this process (no interpreter start-up: faster than run_script), stdout/stderr captured."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = grpo.main([str(flag) for flag in flags])
-    return subprocess.CompletedProcess(flags, code, stdout.getvalue(), stderr.getvalue())
-
-
 @pytest.fixture(scope="module")
 def earlier_run(grpo, tiny_bart_dir, data_files, tmp_path_factory):
     """(output_dir, stderr, flags) of a finished 2-step run; tests copy the directory before changing it."""
@@ -319,7 +310,7 @@ def test_run_logs_completions_metrics_and_trackers(grpo, tiny_bart_dir, data_fil
 # --------------------------------------------------------------------------------------------------
 # 2. Exact resume: after a finished run, after SIGKILL, with LoRA
 # --------------------------------------------------------------------------------------------------
-def test_resume_is_exact(tiny_bart_dir, data_files, tmp_path):
+def test_resume_is_exact(grpo, tiny_bart_dir, data_files, tmp_path):
     # A learning rate large enough that the policy moves, a constant schedule (so max_steps=2 and max_steps=4
     # runs share their learning rates), and an SFT phase with a high rate so pi_ref differs from the base
     # model: a resumed run that rebuilt pi_ref from the base model would show a different KL.
@@ -330,12 +321,12 @@ def test_resume_is_exact(tiny_bart_dir, data_files, tmp_path):
               "--sft_learning_rate=1e-2", "--num_iterations=2", "--seed=3")
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
 
-    check_ok(run_script(*common, "--max_steps=2", f"--output_dir={resumed}", cwd=tmp_path))
+    check_ok(main_in_process(grpo, *common, "--max_steps=2", f"--output_dir={resumed}"))
     assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2]
-    result = run_script(*common, "--max_steps=4", "--resume=True", f"--output_dir={resumed}", cwd=tmp_path)
+    result = main_in_process(grpo, *common, "--max_steps=4", "--resume=True", f"--output_dir={resumed}")
     check_ok(result)
     assert "resumed from" in result.stderr and "at step 2" in result.stderr, result.stderr
-    check_ok(run_script(*common, "--max_steps=4", f"--output_dir={straight}", cwd=tmp_path))
+    check_ok(main_in_process(grpo, *common, "--max_steps=4", f"--output_dir={straight}"))
 
     assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert [e["step"] for e in read_jsonl(resumed / "eval.jsonl")] == [0, 2, 4]
@@ -433,11 +424,11 @@ def test_lora_run_resumes_exactly_keeps_sft_and_saves_merged_models(grpo, tiny_b
               "--lr_scheduler=constant_with_warmup", "--warmup_steps=1", "--save_every=1",
               "--lora_target_modules=q_proj,v_proj")
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    check_ok(run_script(*common, "--max_steps=1", f"--output_dir={resumed}", cwd=tmp_path))
-    result = run_script(*common, "--max_steps=2", "--resume=True", f"--output_dir={resumed}", cwd=tmp_path)
+    check_ok(main_in_process(grpo, *common, "--max_steps=1", f"--output_dir={resumed}"))
+    result = main_in_process(grpo, *common, "--max_steps=2", "--resume=True", f"--output_dir={resumed}")
     check_ok(result)
     assert "resumed from" in result.stderr and "at step 1" in result.stderr, result.stderr
-    result = run_script(*common, "--max_steps=2", f"--output_dir={straight}", cwd=tmp_path)
+    result = main_in_process(grpo, *common, "--max_steps=2", f"--output_dir={straight}")
     check_ok(result)
 
     trained = re.search(r"lora: training ([\d,]+) of ([\d,]+) parameters", result.stderr)
@@ -815,7 +806,7 @@ def skipped_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if re.search(r"skipped \d+ of \d+ rows", line)]
 
 
-def test_empty_rows_are_skipped_and_counted(tiny_bart_dir, data_files, tmp_path):
+def test_empty_rows_are_skipped_and_counted(grpo, tiny_bart_dir, data_files, tmp_path):
     bad = [{"article": "", "highlights": "A summary."},
            {"article": "Some article text here.", "highlights": "   \n\t "},
            {"article": " \n ", "highlights": "A summary."},
@@ -824,8 +815,8 @@ def test_empty_rows_are_skipped_and_counted(tiny_bart_dir, data_files, tmp_path)
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     out = tmp_path / "run"
-    result = run_script(f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={data_files[1]}",
-                        *TINY, "--max_steps=1", f"--output_dir={out}", cwd=tmp_path)
+    result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", f"--train_file={train}",
+                             f"--validation_file={data_files[1]}", *TINY, "--max_steps=1", f"--output_dir={out}")
     check_ok(result)
     lines = skipped_lines(result.stderr)
     assert len(lines) == 1, result.stderr
@@ -833,10 +824,10 @@ def test_empty_rows_are_skipped_and_counted(tiny_bart_dir, data_files, tmp_path)
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
-def test_long_articles_are_truncated_and_counted(tiny_bart_dir, data_files, tmp_path):
+def test_long_articles_are_truncated_and_counted(grpo, tiny_bart_dir, data_files, tmp_path):
     out = tmp_path / "run"
-    result = run_script(f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--max_source_length=8",
-                        "--max_steps=2", f"--output_dir={out}", cwd=tmp_path)
+    result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY,
+                             "--max_source_length=8", "--max_steps=2", f"--output_dir={out}")
     check_ok(result)
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
@@ -844,7 +835,7 @@ def test_long_articles_are_truncated_and_counted(tiny_bart_dir, data_files, tmp_
     assert [m["articles_truncated"] for m in metrics] == [2, 4]
 
 
-def test_csv_train_file(tiny_bart_dir, data_files, tmp_path):
+def test_csv_train_file(grpo, tiny_bart_dir, data_files, tmp_path):
     rows = good_rows(data_files, 12) + [{"article": "An article with no summary.", "highlights": ""}]
     train = tmp_path / "train.csv"
     with open(train, "w", encoding="utf-8", newline="") as file:  # highlights hold newlines: csv quotes them
@@ -852,8 +843,8 @@ def test_csv_train_file(tiny_bart_dir, data_files, tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path / "run"
-    result = run_script(f"--model_name={tiny_bart_dir}", f"--train_file={train}", f"--validation_file={data_files[1]}",
-                        *TINY, "--max_steps=1", f"--output_dir={out}", cwd=tmp_path)
+    result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", f"--train_file={train}",
+                             f"--validation_file={data_files[1]}", *TINY, "--max_steps=1", f"--output_dir={out}")
     check_ok(result)
     lines = skipped_lines(result.stderr)
     assert len(lines) == 1 and "skipped 1 of 13 rows" in lines[0], result.stderr
@@ -1191,15 +1182,15 @@ def test_pasted_continue_command_resumes(tiny_bart_dir, data_files, tmp_path):
 # at the start, no minute of retries when the hub is unreachable, an architecture that loads but cannot
 # sample is one line
 # --------------------------------------------------------------------------------------------------
-def test_a_run_at_exactly_the_positions_trains(short_bart_dir, data_files, tmp_path):
+def test_a_run_at_exactly_the_positions_trains(grpo, short_bart_dir, data_files, tmp_path):
     """The untrained model samples up to max_new_tokens = the decoder's positions, articles are cut to the
     encoder's: the run ends without an index error (the limit is not off by one)."""
     train, validation = data_files
-    result = run_script(f"--model_name={short_bart_dir}", f"--train_file={train}", f"--validation_file={validation}",
-                        f"--output_dir={tmp_path / 'run'}", "--device=cpu", f"--max_source_length={POSITIONS}",
-                        f"--max_new_tokens={POSITIONS}", "--max_steps=1", "--batch_size=2", "--group_size=2",
-                        "--micro_batch_size=4", "--eval_samples=2", "--sft_steps=1", "--sft_batch_size=2",
-                        timeout=300)
+    result = main_in_process(grpo, f"--model_name={short_bart_dir}", f"--train_file={train}",
+                             f"--validation_file={validation}", f"--output_dir={tmp_path / 'run'}", "--device=cpu",
+                             f"--max_source_length={POSITIONS}", f"--max_new_tokens={POSITIONS}", "--max_steps=1",
+                             "--batch_size=2", "--group_size=2", "--micro_batch_size=4", "--eval_samples=2",
+                             "--sft_steps=1", "--sft_batch_size=2")
     check_ok(result)
     lengths = result.stderr.index("lengths: --max_source_length=64 cuts ")  # item 3: said first
     assert lengths < result.stderr.index("sft: 1 steps") < result.stderr.index("eval step 0")
@@ -1336,12 +1327,12 @@ def test_one_held_out_row_is_singular_and_jsonl_is_utf8(grpo, tmp_path):
     assert "Привет мир" in path.read_text(encoding="utf-8") and "Привет" in (tmp_path / "all.jsonl").read_text("utf-8")
 
 
-def test_max_steps_0_names_only_files_that_exist(tiny_t5_dir, data_files, tmp_path):
+def test_max_steps_0_names_only_files_that_exist(grpo, tiny_t5_dir, data_files, tmp_path):
     train, validation = data_files
     out = tmp_path / "run"
-    result = run_script(f"--model_name={tiny_t5_dir}", f"--train_file={train}", f"--validation_file={validation}",
-                        f"--output_dir={out}", "--device=cpu", "--max_source_length=64", "--max_new_tokens=8",
-                        "--max_steps=0", "--eval_samples=2", timeout=300)
+    result = main_in_process(grpo, f"--model_name={tiny_t5_dir}", f"--train_file={train}",
+                             f"--validation_file={validation}", f"--output_dir={out}", "--device=cpu",
+                             "--max_source_length=64", "--max_new_tokens=8", "--max_steps=0", "--eval_samples=2")
     check_ok(result)
     assert "metrics.jsonl" not in result.stderr and not (out / "metrics.jsonl").exists()
     last = result.stderr.strip().splitlines()[-1]
