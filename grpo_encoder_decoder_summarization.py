@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -849,8 +850,9 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + dist.rank)  # different samples on every process
     train_rows, held_out = load_data(config, log)
+    fact_names = training_names(train_rows, config, log) if config.invented_fact_penalty else frozenset()  # reward's
     policy, tokenizer = load_policy_and_tokenizer(config, device)
-    check_data_and_model(config, dist, log, train_rows, held_out, policy, tokenizer)  # one line per problem, at start
+    check_data_and_model(config, dist, log, train_rows, held_out, policy, tokenizer, fact_names)  # one line per problem
     set_grpo_mode(policy, config)
     policy_forward = None if config.lora_r > 0 else training_forward(policy, config, dist)  # LoRA: after SFT
     reference_dir = os.path.join(config.output_dir, "reference")
@@ -876,11 +878,9 @@ def build_run(config: Config, dist: "Distributed", log) -> Run:
                                   weight_decay=config.weight_decay, fused=fused_adamw(device))
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.max_steps * config.num_iterations)
     run = Run(config, dist, log, train_rows, held_out, policy, tokenizer, policy_forward, reference_forward,
-              optimizer, scheduler, TrainerState(), None)
+              optimizer, scheduler, TrainerState(), None, fact_names)
     if checkpoint:
         resume_run(run, checkpoint)
-    if config.invented_fact_penalty:  # the reward's names, learned once from the training articles and references
-        run.fact_names = training_names(train_rows, config, log)
     run.trackers = Trackers(config if dist.is_main else dataclasses.replace(config, report_to="none"), run.state.step + 1)
     return run
 
@@ -1775,15 +1775,32 @@ def log_lengths(config: Config, tokenizer, log, splits: dict) -> None:
 
 
 @torch.no_grad()
-def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, held_out, policy, tokenizer) -> None:
+def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, held_out, policy, tokenizer,
+                         names: frozenset[str]) -> None:
     """The checks a run makes once data and model have loaded, before anything is written: references ROUGE can
-    read, the lengths of articles and summaries (said first), a model that can sample."""
+    read, the lengths of articles and summaries (said first), a reward that keeps its contract, a model that can
+    sample."""
     check_rouge_words(config, train_rows, held_out)
+    check_reward(config, train_rows, names)
     if dist.is_main:
         log_lengths(config, tokenizer, log, {"training": train_rows, "held-out": held_out})
     encoded, sequences = check_model_runs(policy, tokenizer, dist.device)
     if dist.world_size > 1 and config.lora_r == 0:  # DDP stops on a trained parameter that never gets a gradient
         freeze_unused_parameters(policy, encoded, sequences, log)
+
+
+def check_reward(config: Config, train_rows, names: frozenset[str]) -> None:
+    """compute_rewards on two training articles, each with a group of two summaries (its reference and an empty
+    one), checked against its contract, so that a custom reward fails at the start rather than after SFT."""
+    rows = train_rows.select(range(min(2, len(train_rows))))
+    references = [text for text in rows[config.summary_column] for _ in range(2)]
+    articles = [text for text in rows[config.text_column] for _ in range(2)]
+    predictions = [text if i % 2 == 0 else "" for i, text in enumerate(references)]
+    try:
+        inspect.signature(compute_rewards).bind(predictions, references, articles, config, names)
+    except TypeError as error:
+        raise UserError(f"compute_rewards must take (predictions, references, articles, config, names): {error}")
+    checked_rewards(compute_rewards(predictions, references, articles, config, names), predictions)
 
 
 def check_model_runs(policy, tokenizer, device) -> tuple[dict, torch.Tensor]:

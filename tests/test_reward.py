@@ -14,7 +14,8 @@ import torch
 from rouge_score import rouge_scorer
 
 import grpo_encoder_decoder_summarization as grpo
-from conftest import HANG_TIMEOUT, ROOT, build_in_process, check_ok, read_jsonl, run_script
+from conftest import (HANG_TIMEOUT, ROOT, TINY, build_in_process, check_ok, data_args, main_in_process,
+                      read_jsonl, run_script)
 
 KEYS = grpo.ROUGE_KEYS
 SCORER = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
@@ -360,6 +361,24 @@ def test_a_reward_that_breaks_the_contract_is_one_clear_error(grpo, rewards, pro
     assert problem in str(info.value)
 
 
+def test_a_reward_that_breaks_the_contract_stops_the_run_at_the_start(tiny_bart_dir, data_files, tmp_path, monkeypatch):
+    """Checked on two training articles once data and model load: the error comes before SFT, not after it."""
+    monkeypatch.setattr(grpo, "compute_rewards", lambda predictions, *rest: [0.5] * (len(predictions) - 1))
+    monkeypatch.setattr(grpo, "sft_warmup", lambda *args: pytest.fail("SFT ran before the reward was checked"))
+    out = tmp_path / "run"
+    result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--sft_steps=5",
+                             f"--output_dir={out}")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: compute_rewards returned 3 rewards for 4 summaries; it must return one finite float per summary")
+    assert not (out / "reference").exists() and not (out / "run_config.json").exists()
+    monkeypatch.setattr(grpo, "compute_rewards", lambda predictions, references, articles, config: [0.5] * 4)
+    result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--sft_steps=5",
+                             f"--output_dir={out}")  # a reward written before `names` was added
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: compute_rewards must take (predictions, references, articles, config, names): too many")
+
+
 # --------------------------------------------------------------------------------------------------
 # --invented_fact_penalty: reward minus lambda per invented name or number (invented_facts), hand-computed
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +471,7 @@ def test_a_run_with_the_penalty_learns_the_names_of_its_training_texts(grpo, tin
 
 
 def test_a_training_run_rewards_with_its_names(grpo, tiny_bart_dir, data_files, tmp_path, monkeypatch):
-    """The names build_run learns reach compute_rewards in every GRPO step of a run (main(), in process)."""
+    """The names build_run learns reach compute_rewards at the start's check and in every GRPO step of a run."""
     from conftest import TINY, data_args
 
     seen, real = [], grpo.compute_rewards
@@ -467,7 +486,7 @@ def test_a_training_run_rewards_with_its_names(grpo, tiny_bart_dir, data_files, 
     assert grpo.main(args) == 0
     rows = [json.loads(line) for line in data_files[0].read_text().splitlines()]
     expected = grpo.name_lexicon([r["article"] for r in rows] + [r["highlights"] for r in rows])
-    assert seen == [(0.5, expected)] * 2 and expected
+    assert seen == [(0.5, expected)] * 3 and expected  # the start's reward check, then the 2 steps
 
 
 def test_zero_std_groups_counts_groups_whose_rewards_are_all_equal(grpo, tiny_bart_dir, data_files, monkeypatch):

@@ -1029,9 +1029,10 @@ def test_a_crash_after_sft_resumes_from_the_periodic_sft_checkpoint(grpo, monkey
 # 9. Pre-emption in GRPO: a signal inside a step (reward, update) or an evaluation
 # --------------------------------------------------------------------------------------------------
 def test_signal_in_the_reward_drops_the_step(grpo, monkeypatch, capsys, straight, tiny_bart_dir, data_files, tmp_path):
-    """Landing in step 3's reward: the rollout ends, step 3 is dropped at the next boundary, step 2 is saved."""
+    """Landing in step 3's reward (call 4: the first is the start's check): the rollout ends, step 3 is dropped at
+    the next boundary, step 2 is saved."""
     out = tmp_path / "run"
-    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "compute_rewards", 3)
+    stderr, saved = stop_and_resume(grpo, monkeypatch, capsys, tiny_bart_dir, data_files, out, "compute_rewards", 4)
     assert saved[-1] == "step_00000002.pt" and "stopped at step 2" in stderr, stderr
     assert_same_run(out, straight)
 
@@ -1142,20 +1143,20 @@ def test_continue_command_quotes_and_names_the_launcher(grpo):
 
 
 def test_pasted_continue_command_resumes(tiny_bart_dir, data_files, tmp_path):
-    """A subprocess stopped by SIGTERM (sent by itself from a wrapper, at the first reward of step 2) prints a command
+    """A subprocess stopped by SIGTERM (sent by itself from a wrapper, as step 2's rollout begins) prints a command
     with a quoted --source_prefix (a space and an apostrophe); run through bash as printed, it resumes and finishes."""
     wrapper = tmp_path / "stop_once.py"
     wrapper.write_text(textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(SCRIPT.parent)!r})
         import grpo_encoder_decoder_summarization as grpo
-        original, calls = grpo.compute_rewards, [0]
-        def compute_rewards(*args):
+        original, calls = grpo.rollout_step, [0]
+        def rollout_step(*args, **kwargs):
             calls[0] += 1
             if calls[0] == 2 and not any(a.startswith("--resume") for a in sys.argv):
                 os.kill(os.getpid(), signal.SIGTERM)
-            return original(*args)
-        grpo.compute_rewards = compute_rewards
+            return original(*args, **kwargs)
+        grpo.rollout_step = rollout_step
         sys.exit(grpo.main())
     """))
     out = tmp_path / "run dir"
