@@ -642,7 +642,8 @@ def compute_rewards(predictions: list[str], references: list[str], articles: lis
       output   one finite float per prediction, larger is better. Advantages compare the G samples of an
                article, so a constant offset changes nothing (with --scale_rewards=batch the spread between
                articles sets the scale; with group or none only differences within a group matter).
-      called   once per rollout, on every process for its own articles, never inside the mu updates.
+      called   once per rollout, on every process for its own articles, never inside the mu updates; and once
+               at the start of a run (check_reward: two training articles, their references and empty summaries).
     Default: sum_k weight_k * ROUGE-k F1 with the --rouge*_weight flags (normalized to sum to 1), in [0, 1].
     With --invented_fact_penalty=lambda > 0, minus lambda * the number of the summary's numbers and names that its
     article lacks (invented_facts, the evaluation's own measure; `names`: the training texts' names, so lowercased
@@ -1778,8 +1779,7 @@ def log_lengths(config: Config, tokenizer, log, splits: dict) -> None:
 def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, held_out, policy, tokenizer,
                          names: frozenset[str]) -> None:
     """The checks a run makes once data and model have loaded, before anything is written: references ROUGE can
-    read, the lengths of articles and summaries (said first), a reward that keeps its contract, a model that can
-    sample."""
+    read, the lengths of articles and summaries, a reward that keeps its contract, a model that can sample."""
     check_rouge_words(config, train_rows, held_out)
     check_reward(config, train_rows, names)
     if dist.is_main:
@@ -1790,17 +1790,23 @@ def check_data_and_model(config: Config, dist: "Distributed", log, train_rows, h
 
 
 def check_reward(config: Config, train_rows, names: frozenset[str]) -> None:
-    """compute_rewards on two training articles, each with a group of two summaries (its reference and an empty
-    one), checked against its contract, so that a custom reward fails at the start rather than after SFT."""
-    rows = train_rows.select(range(min(2, len(train_rows))))
-    references = [text for text in rows[config.summary_column] for _ in range(2)]
-    articles = [text for text in rows[config.text_column] for _ in range(2)]
-    predictions = [text if i % 2 == 0 else "" for i, text in enumerate(references)]
+    """compute_rewards on a rollout-shaped batch of two training articles (G summaries each: its reference, then
+    empty ones), checked against its contract with the random state kept, so that a custom reward that breaks it
+    fails at the start rather than after SFT."""
+    rows, G = train_rows.select(range(min(2, len(train_rows)))), config.group_size
+    references = [text for text in rows[config.summary_column] for _ in range(G)]
+    articles = [text for text in rows[config.text_column] for _ in range(G)]
+    predictions = [text if i % G == 0 else "" for i, text in enumerate(references)]
     try:
         inspect.signature(compute_rewards).bind(predictions, references, articles, config, names)
     except TypeError as error:
         raise UserError(f"compute_rewards must take (predictions, references, articles, config, names): {error}")
-    checked_rewards(compute_rewards(predictions, references, articles, config, names), predictions)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        rewards = compute_rewards(predictions, references, articles, config, names)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    checked_rewards(rewards, predictions)
 
 
 def check_model_runs(policy, tokenizer, device) -> tuple[dict, torch.Tensor]:

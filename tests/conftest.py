@@ -61,16 +61,16 @@ def run_script(*args: str, cwd: str | os.PathLike | None = None, timeout: float 
 
 
 def main_in_process(grpo, *flags: str, child_threads: bool = False) -> subprocess.CompletedProcess:
-    """grpo.main(flags) in this process (no interpreter start-up: seconds faster than run_script), stdout and
-    stderr captured. child_threads: with run_script's one thread, so its numbers equal a child process's."""
+    """grpo.main(flags) in this process (no interpreter start-up: seconds faster than run_script), in a child's
+    environment (subprocess_env), stdout and stderr captured. child_threads: with a child's one thread, so that
+    its numbers equal run_script's; else with this process's thread count."""
     import torch
 
-    stdout, stderr, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    environ = dict(os.environ)
+    stdout, stderr, threads, environ = io.StringIO(), io.StringIO(), torch.get_num_threads(), dict(os.environ)
     try:
-        if child_threads:
-            os.environ["OMP_NUM_THREADS"] = "1"  # the script then leaves torch's thread count as it is
-            torch.set_num_threads(1)
+        os.environ.clear()
+        os.environ.update(subprocess_env())  # OMP_NUM_THREADS is set there, so the script keeps torch's threads
+        torch.set_num_threads(1 if child_threads else threads)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = grpo.main([str(flag) for flag in flags])
     finally:

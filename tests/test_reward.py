@@ -369,7 +369,7 @@ def test_a_reward_that_breaks_the_contract_stops_the_run_at_the_start(tiny_bart_
     result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--sft_steps=5",
                              f"--output_dir={out}")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
-        "error: compute_rewards returned 3 rewards for 4 summaries; it must return one finite float per summary")
+        "error: compute_rewards returned 7 rewards for 8 summaries; it must return one finite float per summary")
     assert not (out / "reference").exists() and not (out / "run_config.json").exists()
     monkeypatch.setattr(grpo, "compute_rewards", lambda predictions, references, articles, config: [0.5] * 4)
     result = main_in_process(grpo, f"--model_name={tiny_bart_dir}", *data_args(data_files), *TINY, "--sft_steps=5",
@@ -377,6 +377,34 @@ def test_a_reward_that_breaks_the_contract_stops_the_run_at_the_start(tiny_bart_
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: compute_rewards must take (predictions, references, articles, config, names): too many")
+
+
+def test_the_start_check_of_the_reward_is_rollout_shaped_and_keeps_the_random_state(data_files, monkeypatch):
+    import datasets
+    import numpy as np
+
+    seen = []
+
+    def random_reward(predictions, references, articles, config, names):  # groups of G, as in a rollout
+        seen.append((predictions, references, articles, names))
+        return list(np.reshape([random.random() + np.random.rand() + torch.rand(()).item()
+                                for _ in predictions], (-1, config.group_size)).ravel())
+
+    monkeypatch.setattr(grpo, "compute_rewards", random_reward)
+    rows = datasets.Dataset.from_list(read_jsonl(data_files[0]))
+    config = grpo.Config(group_size=3)
+
+    def seeded_draws(check: bool) -> tuple:
+        random.seed(7), np.random.seed(7), torch.manual_seed(7)
+        if check:
+            grpo.check_reward(config, rows, frozenset({"carrow"}))
+        return random.random(), np.random.rand(), torch.rand(()).item()
+
+    assert seeded_draws(check=True) == seeded_draws(check=False)
+    (predictions, references, articles, names), = seen
+    assert references == [rows[0]["highlights"]] * 3 + [rows[1]["highlights"]] * 3
+    assert articles == [rows[0]["article"]] * 3 + [rows[1]["article"]] * 3
+    assert predictions == [rows[0]["highlights"], "", "", rows[1]["highlights"], "", ""] and names == {"carrow"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,8 +500,6 @@ def test_a_run_with_the_penalty_learns_the_names_of_its_training_texts(grpo, tin
 
 def test_a_training_run_rewards_with_its_names(grpo, tiny_bart_dir, data_files, tmp_path, monkeypatch):
     """The names build_run learns reach compute_rewards at the start's check and in every GRPO step of a run."""
-    from conftest import TINY, data_args
-
     seen, real = [], grpo.compute_rewards
 
     def recording(predictions, references, articles, config, names):

@@ -503,17 +503,17 @@ def test_memory_plan_is_within_15_percent_of_a_real_cpu_step(grpo, tmp_path):
     assert plan["update"][8] > plan["steady"] and plan["rollout"] > plan["steady"]
 
 
-def test_estimate_memory_prints_a_table_and_writes_nothing(grpo, tmp_path, capsys):
+def test_estimate_memory_prints_a_table_and_writes_nothing(grpo, tmp_path):
+    from conftest import main_in_process
     from transformers import T5Config
 
     T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=2, num_heads=2,
              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).save_pretrained(tmp_path / "model")
-    code = grpo.main(["--estimate_memory=True", f"--model_name={tmp_path / 'model'}", "--batch_size=2",
-                      "--group_size=4", "--micro_batch_size=4", "--max_source_length=16", "--max_new_tokens=4",
-                      "--gpu_memory_gb=1", f"--output_dir={tmp_path / 'run'}"])
-    printed = capsys.readouterr()
-    assert code == 0, printed.err
-    lines = printed.out.splitlines()
+    result = main_in_process(grpo, "--estimate_memory=True", f"--model_name={tmp_path / 'model'}", "--batch_size=2",
+                             "--group_size=4", "--micro_batch_size=4", "--max_source_length=16", "--max_new_tokens=4",
+                             "--gpu_memory_gb=1", f"--output_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
     assert lines[0].startswith("memory plan: ") and "CUDA bf16 autocast" in lines[0]
     assert [line.split()[0] for line in lines[4:6]] == ["4", "8"]  # micro_batch_size rows: G and B*G
     assert lines[-1] == "largest micro_batch_size that fits 90% of 1 GB: 8"
