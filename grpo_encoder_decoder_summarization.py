@@ -1801,11 +1801,9 @@ def check_reward(config: Config, train_rows, names: frozenset[str]) -> None:
         inspect.signature(compute_rewards).bind(predictions, references, articles, config, names)
     except TypeError as error:
         raise UserError(f"compute_rewards must take (predictions, references, articles, config, names): {error}")
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        rewards = compute_rewards(predictions, references, articles, config, names)
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
+    state = rng_state()  # a reward that draws random numbers leaves the run's draws as they were
+    rewards = compute_rewards(predictions, references, articles, config, names)
+    set_rng_state(state)
     checked_rewards(rewards, predictions)
 
 
